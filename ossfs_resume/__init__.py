@@ -1,0 +1,3 @@
+"""ossfs-resume: mount an OSS or S3-compatible bucket read-only, with a resumable part cache."""
+
+__version__ = "0.1.0"
