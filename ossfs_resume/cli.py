@@ -1,0 +1,245 @@
+"""Command line: ``ossfs-resume mount|download|prefetch|cache``.
+
+Every user mistake ends in one line on stderr and a non-zero exit before
+anything is mounted or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .client import StoreClient, StoreConfig, credentials_from_env
+from .errors import OssfsError, UsageError
+from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
+
+log = logging.getLogger("ossfs_resume")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class BucketUrl:
+    protocol: str  # "oss" or "s3"
+    bucket: str
+    key: str  # prefix for mount, object key for download
+
+
+def parse_bucket_url(text: str) -> BucketUrl:
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        raise UsageError(f"bad URL {text!r}: expected oss://BUCKET[/PATH] or s3://BUCKET[/PATH]")
+    if scheme not in ("oss", "s3"):
+        raise UsageError(f"unknown URL scheme {scheme!r} in {text!r}: use oss:// or s3://")
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise UsageError(f"bad URL {text!r}: no bucket name")
+    return BucketUrl(scheme, bucket, key)
+
+
+def parse_ttl(text: str) -> float:
+    if text.lower() in ("inf", "never", "forever"):
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"bad TTL {text!r}: seconds, or 'never'") from None
+    if value < 0:
+        raise UsageError(f"bad TTL {text!r}: must be >= 0")
+    return value
+
+
+def _store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", required=True, help="http(s)://host[:port] of the store")
+    parser.add_argument("--region", help="signing region (derived from OSS endpoints)")
+    parser.add_argument(
+        "--signature-version", choices=("v4", "v1"), default="v4", help="OSS signature version"
+    )
+    parser.add_argument(
+        "--addressing",
+        choices=("auto", "path", "virtual"),
+        default="auto",
+        help="bucket in the path or in the host name (auto: path for IPs and localhost)",
+    )
+    parser.add_argument(
+        "--anonymous", action="store_true", help="send unsigned requests even if keys are set"
+    )
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--log-file", help="write logs here (background mounts log nowhere else)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ossfs-resume",
+        description="Mount an OSS or S3-compatible bucket read-only, with a resumable part cache.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mount = sub.add_parser("mount", help="mount a bucket (read-only)")
+    mount.add_argument("url", help="oss://BUCKET[/PREFIX] or s3://BUCKET[/PREFIX]")
+    mount.add_argument("mountpoint")
+    _store_args(mount)
+    mount.add_argument("--cache-dir", help="persistent part cache (default under $XDG_CACHE_HOME)")
+    mount.add_argument(
+        "--part-size", default=str(DEFAULT_PART_SIZE), help="part size, e.g. 8M (100K..5G)"
+    )
+    mount.add_argument("--list-ttl", default="10", help="seconds a listing is trusted; 'never'")
+    mount.add_argument("--max-parallel", type=int, default=8, help="parallel part fetches")
+    mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    _common_args(mount)
+    return parser
+
+
+def make_client(
+    url: BucketUrl, args: argparse.Namespace, *, pool_size: int = 16, **kw
+) -> StoreClient:
+    creds = None if args.anonymous else credentials_from_env(url.protocol)  # type: ignore[arg-type]
+    config = StoreConfig(
+        protocol=url.protocol,  # type: ignore[arg-type]
+        endpoint=args.endpoint.rstrip("/"),
+        bucket=url.bucket,
+        credentials=creds,
+        region=args.region,
+        signature_version=args.signature_version,
+        addressing=args.addressing,
+        pool_size=pool_size,
+        **kw,
+    )
+    return StoreClient(config)
+
+
+def check_mountpoint(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"mountpoint {path} does not exist")
+    if not p.is_dir():
+        raise UsageError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise UsageError(f"mountpoint {path} is already a mount point")
+    try:
+        if any(p.iterdir()):
+            raise UsageError(f"mountpoint {path} is not empty")
+    except PermissionError:
+        raise UsageError(f"mountpoint {path} is not readable") from None
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .cache import PartCache
+    from .core import BucketFS, MountOptions, default_cache_dir
+    from .fuse_ops import run_mount
+
+    url = parse_bucket_url(args.url)
+    part_size = check_part_size(parse_size(args.part_size))
+    list_ttl = parse_ttl(args.list_ttl)
+    if args.max_parallel < 1:
+        raise UsageError("--max-parallel must be at least 1")
+    mountpoint = os.path.abspath(args.mountpoint)
+    check_mountpoint(mountpoint)
+    cache_dir = Path(args.cache_dir or default_cache_dir()).absolute()
+    prefix = url.key if not url.key or url.key.endswith("/") else url.key + "/"
+
+    # Fail before mounting: a wrong endpoint, bucket or key pair is one clear line.
+    probe = make_client(url, args, pool_size=1, max_attempts=2, connect_timeout=3.0)
+    try:
+        probe.check_access(prefix)
+    finally:
+        probe.close()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create cache dir {cache_dir}: {exc.strerror}") from None
+    if not args.foreground and not args.log_file:
+        args.log_file = str(cache_dir / "ossfs-resume.log")
+        _setup_logging(args)
+
+    options = MountOptions(
+        prefix=prefix,
+        part_size=part_size,
+        list_ttl=list_ttl,
+        max_parallel=args.max_parallel,
+    )
+
+    def make_core() -> BucketFS:
+        client = make_client(url, args, pool_size=args.max_parallel + 8)
+        return BucketFS(client, PartCache(cache_dir), options)
+
+    log.info(
+        "mounting %s://%s/%s at %s (cache %s, part size %d)",
+        url.protocol,
+        url.bucket,
+        prefix,
+        mountpoint,
+        cache_dir,
+        part_size,
+    )
+    try:
+        run_mount(
+            mountpoint,
+            make_core,
+            foreground=args.foreground,
+            metadata_ttl=list_ttl,
+            fsname=f"{url.protocol}://{url.bucket}/{prefix}",
+        )
+    except RuntimeError as exc:
+        raise OssfsError(f"mount failed: {exc}") from None
+    return 0
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING
+    if args.verbose == 1:
+        level = logging.INFO
+    elif args.verbose >= 2:
+        level = logging.DEBUG
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler: logging.Handler
+    if getattr(args, "log_file", None):
+        handler = logging.FileHandler(args.log_file)
+        level = min(level, logging.INFO)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    )
+    root.addHandler(handler)
+    root.setLevel(level)
+    # urllib3 logs every retry with full URLs; ours are enough.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+
+
+COMMANDS = {"mount": cmd_mount}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"ossfs-resume: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OssfsError as exc:
+        print(f"ossfs-resume: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("ossfs-resume: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

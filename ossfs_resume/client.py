@@ -1,0 +1,586 @@
+"""Object-store client: HTTP, signing, retries. Knows nothing about files.
+
+Speaks two dialects over one code path: Alibaba Cloud OSS (signature V4 or V1,
+or anonymous) and S3 (SigV4, or anonymous). Every ranged GET is checked
+strictly (206, matching Content-Range, full body) because a store that ignores
+a Range header would otherwise hand back the wrong bytes silently.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import random
+import re
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
+from urllib.parse import unquote_plus, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .errors import (
+    AccessDeniedError,
+    InvalidRangeError,
+    NoSuchBucketError,
+    NotFoundError,
+    PreconditionFailedError,
+    ProtocolError,
+    StoreError,
+    StoreUnavailableError,
+    UsageError,
+)
+from .signing import Credentials, canonical_query, sign_oss_v1, sign_oss_v4, sign_s3_v4, uri_encode
+
+log = logging.getLogger(__name__)
+
+Protocol = Literal["oss", "s3"]
+
+#: Statuses worth another attempt: throttling and server-side trouble.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_OSS_REGION = re.compile(r"^oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com$")
+_IP_HOST = re.compile(r"^(\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:]+\]|localhost)$")
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """What a HEAD or a listing says about one object version."""
+
+    key: str
+    size: int
+    etag: str  # as the store sent it, without the surrounding quotes
+    last_modified: float  # seconds since the epoch
+    crc64: int | None = None  # x-oss-hash-crc64ecma, when the store sends it
+
+
+@dataclass(frozen=True)
+class ListPage:
+    objects: list[ObjectMeta]
+    prefixes: list[str]
+    next_token: str | None
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    protocol: Protocol
+    endpoint: str  # scheme://host[:port]
+    bucket: str
+    credentials: Credentials | None = None  # None: anonymous, unsigned requests
+    region: str | None = None
+    signature_version: Literal["v4", "v1"] = "v4"  # OSS only
+    addressing: Literal["auto", "path", "virtual"] = "auto"
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 4
+    backoff_base: float = 0.1
+    backoff_cap: float = 2.0
+    pool_size: int = 16
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"bad endpoint {self.endpoint!r}: expected http(s)://host[:port]")
+
+    @property
+    def store_id(self) -> str:
+        """Identifies the store in cache keys: protocol plus endpoint, no credentials."""
+        return f"{self.protocol}+{self.endpoint.rstrip('/')}"
+
+    @property
+    def effective_region(self) -> str:
+        if self.region:
+            return self.region
+        host = urlsplit(self.endpoint).hostname or ""
+        match = _OSS_REGION.match(host)
+        if match:
+            return match.group(1)
+        return "cn-hangzhou" if self.protocol == "oss" else "us-east-1"
+
+    @property
+    def path_style(self) -> bool:
+        if self.addressing != "auto":
+            return self.addressing == "path"
+        host = urlsplit(self.endpoint).hostname or ""
+        # IPs and localhost have no per-bucket DNS names; S3 on custom endpoints
+        # (SeaweedFS, MinIO) also expects path style.
+        return bool(_IP_HOST.match(host)) or (self.protocol == "s3" and "amazonaws" not in host)
+
+
+def credentials_from_env(
+    protocol: Protocol, env: Mapping[str, str] | None = None
+) -> Credentials | None:
+    """Read credentials from the environment; None (anonymous) when unset."""
+    env = os.environ if env is None else env
+    prefix = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN")
+    if protocol == "s3":
+        prefix = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    key_id, secret = env.get(prefix[0]), env.get(prefix[1])
+    if not key_id and not secret:
+        return None
+    if not key_id or not secret:
+        raise UsageError(f"set both {prefix[0]} and {prefix[1]}, or neither for anonymous access")
+    return Credentials(key_id, secret, env.get(prefix[2]) or None)
+
+
+@dataclass
+class RequestCounters:
+    """Requests this client sent, by kind; tests and `cache stats` read them."""
+
+    get: int = 0
+    head: int = 0
+    list: int = 0
+    retries: int = 0
+    bytes_received: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "get": self.get,
+                "head": self.head,
+                "list": self.list,
+                "retries": self.retries,
+                "bytes_received": self.bytes_received,
+            }
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way worth retrying."""
+
+    def __init__(self, reason: str, exc: StoreError | None = None) -> None:
+        super().__init__(reason)
+        self.error = exc
+
+
+class StoreClient:
+    """Thread-safe client for one bucket. One pooled session sized to the worker count."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self.counters = RequestCounters()
+        self._session = requests.Session()
+        adapter = HTTPAdapter(
+            pool_connections=2,
+            pool_maxsize=max(1, config.pool_size),
+            pool_block=True,  # more threads than connections wait instead of churning sockets
+            max_retries=0,  # retries are ours: they must also cover bodies cut short
+        )
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        split = urlsplit(config.endpoint)
+        self._scheme = split.scheme
+        self._netloc = split.netloc
+        self._host = split.hostname or ""
+
+    # -- public API -------------------------------------------------------
+
+    def describe(self, key: str = "") -> str:
+        """A URL-like name for messages: oss://bucket/key."""
+        return f"{self.config.protocol}://{self.config.bucket}/{key}"
+
+    def head(self, key: str) -> ObjectMeta:
+        """HEAD an object: size, ETag, Last-Modified, CRC-64 when present."""
+        self.counters.add("head")
+        resp = self._request("HEAD", key)
+        try:
+            return self._meta_from_headers(key, resp.headers)
+        finally:
+            resp.close()
+
+    def get_range(
+        self,
+        key: str,
+        start: int,
+        end: int,
+        *,
+        if_match: str | None = None,
+        into: memoryview | bytearray | None = None,
+    ) -> memoryview | bytearray:
+        """Fetch bytes [start, end] (inclusive) of `key`, exactly, into `into` or a new buffer.
+
+        A body cut short is resumed from the byte reached with a fresh Range
+        request, up to the retry bound; with `if_match`, a changed object fails
+        with PreconditionFailedError instead of mixing versions.
+        """
+        length = end - start + 1
+        if length <= 0:
+            raise ValueError(f"empty range {start}-{end}")
+        buf = bytearray(length) if into is None else into
+        view = memoryview(buf)
+        if len(view) < length:
+            raise ValueError("buffer smaller than the range")
+        filled = 0
+        attempt = 0
+        while filled < length:
+            self.counters.add("get")
+            headers = {"Range": f"bytes={start + filled}-{end}"}
+            if if_match:
+                headers["If-Match"] = f'"{if_match}"'
+            resp = self._request("GET", key, headers=headers, stream=True)
+            try:
+                self._check_range_response(resp, key, start + filled, end, if_match)
+                filled += self._read_into(resp, view[filled:length], key)
+            except _Retry as retry:
+                resp.close()
+                attempt += 1
+                if attempt >= self.config.max_attempts:
+                    raise StoreUnavailableError(
+                        f"GET {self.describe(key)}: {retry} after {attempt} attempts", key=key
+                    ) from None
+                self.counters.add("retries")
+                log.info(
+                    "GET %s bytes=%d-%d: %s; resuming at byte %d",
+                    self.describe(key),
+                    start,
+                    end,
+                    retry,
+                    start + filled,
+                )
+                self._sleep_backoff(attempt)
+                continue
+            except BaseException:
+                resp.close()
+                raise
+            resp.raw.release_conn()
+        return buf
+
+    def list_page(
+        self, prefix: str, delimiter: str = "/", token: str | None = None, max_keys: int = 1000
+    ) -> ListPage:
+        """One ListObjectsV2 page."""
+        query: dict[str, str | None] = {
+            "list-type": "2",
+            "prefix": prefix,
+            "delimiter": delimiter,
+            "max-keys": str(max_keys),
+            "encoding-type": "url",
+        }
+        if token:
+            query["continuation-token"] = token
+        self.counters.add("list")
+        resp = self._request("GET", "", query=query)
+        try:
+            return self._parse_list(resp.content)
+        finally:
+            resp.close()
+
+    def list(self, prefix: str, delimiter: str = "/") -> Iterator[ListPage]:
+        """Every ListObjectsV2 page under `prefix`."""
+        token: str | None = None
+        while True:
+            page = self.list_page(prefix, delimiter, token)
+            yield page
+            if not page.next_token:
+                return
+            token = page.next_token
+
+    def check_access(self, prefix: str = "") -> None:
+        """Fail fast with a clear error if the endpoint, bucket or credentials are wrong."""
+        self.list_page(prefix, "/", max_keys=1)
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- internals --------------------------------------------------------
+
+    def _url_and_path(self, key: str) -> tuple[str, str, str]:
+        """(base URL without query, host header, encoded path) for bucket + key."""
+        encoded_key = uri_encode(key, keep_slash=True)
+        bucket = self.config.bucket
+        if self.config.path_style:
+            path = f"/{bucket}/{encoded_key}"
+            return f"{self._scheme}://{self._netloc}{path}", self._netloc, path
+        netloc = f"{bucket}.{self._netloc}"
+        path = f"/{encoded_key}"
+        return f"{self._scheme}://{netloc}{path}", netloc, path
+
+    def _sign(
+        self,
+        method: str,
+        key: str,
+        query: Mapping[str, str | None],
+        headers: dict[str, str],
+        host: str,
+        path: str,
+    ) -> None:
+        cfg = self.config
+        if cfg.protocol == "oss":
+            # Without it OSS answers a bad range with 200 and the whole object.
+            headers["x-oss-range-behavior"] = "standard"
+        creds = cfg.credentials
+        if creds is None:
+            return
+        now = datetime.now(timezone.utc)
+        if cfg.protocol == "oss":
+            if cfg.signature_version == "v1":
+                sign_oss_v1(method, cfg.bucket, key, query, headers, creds, now)
+            else:
+                sign_oss_v4(
+                    method, cfg.bucket, key, query, headers, creds, cfg.effective_region, now
+                )
+        else:
+            sign_s3_v4(method, host, path, query, headers, creds, cfg.effective_region, now)
+
+    def _request(
+        self,
+        method: str,
+        key: str,
+        *,
+        query: Mapping[str, str | None] | None = None,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+    ) -> requests.Response:
+        """Send with retries on connection errors, 429 and 5xx; raise mapped errors."""
+        query = dict(query or {})
+        attempt = 0
+        while True:
+            attempt += 1
+            hdrs = {"Accept-Encoding": "identity", **(headers or {})}
+            url, host, path = self._url_and_path(key)
+            self._sign(method, key, query, hdrs, host, path)
+            qs = canonical_query(query)
+            if qs:
+                url = f"{url}?{qs}"
+            started = time.monotonic()
+            try:
+                resp = self._session.request(
+                    method,
+                    url,
+                    headers=hdrs,
+                    stream=stream,
+                    timeout=(self.config.connect_timeout, self.config.read_timeout),
+                    allow_redirects=False,
+                )
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                reason = _connection_reason(exc)
+                if attempt >= self.config.max_attempts:
+                    raise StoreUnavailableError(
+                        f"cannot reach {self.config.endpoint}: {reason} (after {attempt} attempts)",
+                        key=key,
+                    ) from None
+                self._retrying(method, key, reason, attempt)
+                continue
+            log.debug(
+                "%s %s %s -> %d in %.1f ms",
+                method,
+                self.describe(key),
+                hdrs.get("Range", ""),
+                resp.status_code,
+                (time.monotonic() - started) * 1000,
+            )
+            if resp.status_code < 300:
+                return resp
+            error = self._error_from_response(method, key, resp)
+            resp.close()
+            if resp.status_code in RETRY_STATUSES and attempt < self.config.max_attempts:
+                self._retrying(method, key, str(error), attempt)
+                continue
+            raise error
+
+    def _retrying(self, method: str, key: str, reason: str, attempt: int) -> None:
+        self.counters.add("retries")
+        log.info("%s %s: %s; retry %d", method, self.describe(key), reason, attempt)
+        self._sleep_backoff(attempt)
+
+    def _sleep_backoff(self, attempt: int) -> None:
+        # Exponential backoff with full jitter, so many readers do not retry in step.
+        ceiling = min(self.config.backoff_cap, self.config.backoff_base * (2 ** (attempt - 1)))
+        time.sleep(random.uniform(ceiling / 2, ceiling))
+
+    def _error_from_response(self, method: str, key: str, resp: requests.Response) -> StoreError:
+        status = resp.status_code
+        code = message = None
+        if method != "HEAD":
+            try:
+                body = resp.content[:65536]
+                root = ET.fromstring(body)
+                code = _child_text(root, "Code")
+                message = _child_text(root, "Message")
+            except (ET.ParseError, requests.RequestException):
+                pass
+        request_id = resp.headers.get("x-oss-request-id") or resp.headers.get("x-amz-request-id")
+        what = f"{method} {self.describe(key)}"
+        detail = f"{status} {code or resp.reason or ''}".strip()
+        if message:
+            detail = f"{detail}: {' '.join(message.split())[:200]}"
+        text = f"{what}: {detail}"
+        kwargs = {"status": status, "code": code, "key": key, "request_id": request_id}
+        if status == 404:
+            if code == "NoSuchBucket" or (key == "" and code is None):
+                return NoSuchBucketError(
+                    f"bucket {self.config.bucket!r} does not exist at {self.config.endpoint}",
+                    **kwargs,
+                )
+            return NotFoundError(f"{what}: no such object", **kwargs)
+        if status == 403:
+            hint = ""
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                hint = " (check the access key id and secret)"
+            elif self.config.credentials is None:
+                hint = " (no credentials set: anonymous access was refused)"
+            return AccessDeniedError(f"{text}{hint}", **kwargs)
+        if status == 412:
+            return PreconditionFailedError(
+                f"{what}: the object changed (ETag no longer matches)", **kwargs
+            )
+        if status == 416:
+            return InvalidRangeError(f"{text}", **kwargs)
+        if status in RETRY_STATUSES:
+            return StoreUnavailableError(text, **kwargs)
+        return StoreError(text, **kwargs)
+
+    def _check_range_response(
+        self,
+        resp: requests.Response,
+        key: str,
+        start: int,
+        end: int,
+        if_match: str | None,
+    ) -> None:
+        what = f"GET {self.describe(key)} bytes={start}-{end}"
+        if resp.status_code != 206:
+            resp.close()
+            raise ProtocolError(f"{what}: answered {resp.status_code}, not 206 Partial Content")
+        match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+        if not match or int(match.group(1)) != start or int(match.group(2)) != end:
+            resp.close()
+            raise ProtocolError(
+                f"{what}: wrong Content-Range {resp.headers.get('Content-Range')!r}"
+            )
+        etag = _strip_etag(resp.headers.get("ETag"))
+        if if_match and etag and etag != if_match:
+            resp.close()
+            raise PreconditionFailedError(
+                f"{what}: the object changed (ETag {etag} != {if_match})", status=412, key=key
+            )
+
+    def _read_into(self, resp: requests.Response, view: memoryview, key: str) -> int:
+        """Read the body into `view`; a short body raises _Retry with bytes kept in `view`."""
+        raw = resp.raw
+        filled = 0
+        total = len(view)
+        try:
+            while filled < total:
+                n = raw.readinto(view[filled:])
+                if not n:
+                    break
+                filled += n
+        except Exception as exc:  # urllib3/http.client errors vary by version
+            self.counters.add("bytes_received", filled)
+            raise _Retry(
+                f"body cut short after {filled} of {total} bytes ({type(exc).__name__})"
+            ) from None
+        self.counters.add("bytes_received", filled)
+        if filled < total:
+            raise _Retry(f"body cut short after {filled} of {total} bytes")
+        return filled
+
+    def _meta_from_headers(self, key: str, headers: Mapping[str, str]) -> ObjectMeta:
+        crc = headers.get("x-oss-hash-crc64ecma")
+        lm = headers.get("Last-Modified")
+        return ObjectMeta(
+            key=key,
+            size=int(headers.get("Content-Length", "0")),
+            etag=_strip_etag(headers.get("ETag")) or "",
+            last_modified=email.utils.parsedate_to_datetime(lm).timestamp() if lm else 0.0,
+            crc64=int(crc) if crc and crc.isdigit() else None,
+        )
+
+    def _parse_list(self, body: bytes) -> ListPage:
+        try:
+            root = ET.fromstring(body)
+        except ET.ParseError as exc:
+            raise ProtocolError(f"LIST {self.describe()}: unreadable XML ({exc})") from None
+        encoded = (_child_text(root, "EncodingType") or "").lower() == "url"
+
+        def decode(value: str) -> str:
+            return unquote_plus(value) if encoded else value
+
+        objects: list[ObjectMeta] = []
+        prefixes: list[str] = []
+        for child in root:
+            tag = _local(child.tag)
+            if tag == "Contents":
+                objects.append(
+                    ObjectMeta(
+                        key=decode(_child_text(child, "Key") or ""),
+                        size=int(_child_text(child, "Size") or "0"),
+                        etag=_strip_etag(_child_text(child, "ETag")) or "",
+                        last_modified=parse_iso8601(_child_text(child, "LastModified")),
+                    )
+                )
+            elif tag == "CommonPrefixes":
+                prefixes.append(decode(_child_text(child, "Prefix") or ""))
+        truncated = (_child_text(root, "IsTruncated") or "").lower() == "true"
+        token = _child_text(root, "NextContinuationToken") if truncated else None
+        if truncated and not token:
+            raise ProtocolError(
+                f"LIST {self.describe()}: truncated page without a continuation token"
+            )
+        return ListPage(objects, prefixes, token)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _child_text(node: ET.Element, name: str) -> str | None:
+    for child in node:
+        if _local(child.tag) == name:
+            return child.text or ""
+    return None
+
+
+def _strip_etag(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"')
+
+
+def parse_iso8601(value: str | None) -> float:
+    """Listing timestamps like 2024-01-02T03:04:05.000Z (Python 3.10's fromisoformat lacks 'Z')."""
+    if not value:
+        return 0.0
+    text = value.strip().replace("Z", "+00:00")
+    if "." in text:
+        head, _, rest = text.partition(".")
+        digits = re.match(r"\d*", rest).group(0)  # type: ignore[union-attr]
+        text = f"{head}.{digits[:6].ljust(6, '0')}{rest[len(digits) :]}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return 0.0
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+def _connection_reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker, reason in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "host not found"),
+        ("nodename nor servname", "host not found"),
+        ("Temporary failure in name resolution", "host not found"),
+        ("timed out", "timed out"),
+        ("Connection reset", "connection reset"),
+    ):
+        if marker in text:
+            return reason
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    return type(exc).__name__

@@ -1,0 +1,195 @@
+"""The mounted filesystem without FUSE: paths in, stat dicts and bytes out.
+
+Like a MountSource: everything a mount does is testable without mounting.
+The FUSE adapter (fuse_ops.py) only translates calls and errors.
+
+Concurrency: ``_lock`` guards the open-file table only.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cache import PartCache
+from .client import ObjectMeta, StoreClient
+from .errors import OssfsError, PreconditionFailedError
+from .namespace import Entry, Namespace
+from .parts import DEFAULT_PART_SIZE
+from .reader import ObjectReader, ObjectRef, PartFetcher
+
+log = logging.getLogger(__name__)
+
+
+class FsError(OSError):
+    """An errno for the FUSE layer to return."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(code, message or os.strerror(code))
+
+
+@dataclass
+class MountOptions:
+    prefix: str = ""
+    part_size: int = DEFAULT_PART_SIZE
+    list_ttl: float = 10.0
+    max_parallel: int = 8
+    max_readahead_parts: int = 8
+    max_inflight_bytes: int = 256 << 20
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    file_mode: int = 0o444
+    dir_mode: int = 0o555
+
+
+class BucketFS:
+    def __init__(self, client: StoreClient, cache: PartCache, options: MountOptions) -> None:
+        self.client = client
+        self.cache = cache
+        self.options = options
+        self.namespace = Namespace(client, options.prefix, list_ttl=options.list_ttl)
+        self.fetcher = PartFetcher(
+            client,
+            cache,
+            max_parallel=options.max_parallel,
+            max_inflight_bytes=options.max_inflight_bytes,
+        )
+        self._lock = threading.Lock()
+        self._open: dict[int, ObjectReader] = {}
+        self._fh = itertools.count(1)
+        self._mounted_at = time.time()
+
+    def close(self) -> None:
+        self.fetcher.shutdown()
+        self.cache.close()
+        self.client.close()
+
+    # -- metadata ---------------------------------------------------------
+
+    def _entry(self, path: str) -> Entry:
+        try:
+            entry = self.namespace.lookup(path)
+        except OssfsError as exc:
+            log.warning("lookup %s: %s", path, exc)
+            raise FsError(exc.errno, str(exc)) from None
+        if entry is None:
+            raise FsError(errno.ENOENT)
+        return entry
+
+    def getattr(self, path: str) -> dict[str, int | float]:
+        entry = self._entry(path)
+        opts = self.options
+        if entry.is_dir:
+            mode, size, nlink, mtime = stat.S_IFDIR | opts.dir_mode, 0, 2, self._mounted_at
+        else:
+            mode, size, nlink, mtime = stat.S_IFREG | opts.file_mode, entry.size, 1, entry.mtime
+        ns = int(mtime * 1e9)
+        return {
+            "st_mode": mode,
+            "st_nlink": nlink,
+            "st_size": size,
+            "st_uid": opts.uid,
+            "st_gid": opts.gid,
+            "st_mtime": ns,
+            "st_ctime": ns,
+            "st_atime": ns,
+            "st_blksize": 1 << 20,
+            "st_blocks": (size + 511) // 512,
+        }
+
+    def readdir(self, path: str) -> list[str]:
+        entry = self._entry(path)
+        if not entry.is_dir:
+            raise FsError(errno.ENOTDIR)
+        try:
+            names = list(self.namespace.listdir(path))
+        except OssfsError as exc:
+            log.warning("readdir %s: %s", path, exc)
+            raise FsError(exc.errno, str(exc)) from None
+        return [".", "..", *names]
+
+    def statfs(self) -> dict[str, int]:
+        # A bucket has no fixed size; report the cache's disk so df shows something true.
+        st = os.statvfs(self.cache.root)
+        return {
+            "f_bsize": st.f_bsize,
+            "f_frsize": st.f_frsize,
+            "f_blocks": st.f_blocks,
+            "f_bfree": st.f_bfree,
+            "f_bavail": st.f_bavail,
+            "f_files": 1 << 20,
+            "f_ffree": 1 << 20,
+            "f_favail": 1 << 20,
+            "f_namemax": 255,
+        }
+
+    # -- data -------------------------------------------------------------
+
+    def open(self, path: str, flags: int) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise FsError(errno.EROFS)
+        entry = self._entry(path)
+        if entry.is_dir:
+            raise FsError(errno.EISDIR)
+        meta = ObjectMeta(entry.key, entry.size, entry.etag, entry.mtime)
+        if not meta.etag:
+            meta = self.client.head(entry.key)
+        oid = self.cache.note_version(
+            self.client.config.store_id,
+            self.client.config.bucket,
+            meta.key,
+            meta.etag,
+            meta.size,
+            self.options.part_size,
+        )
+        ref = ObjectRef(meta, oid, self.options.part_size)
+        reader = ObjectReader(
+            self.fetcher, ref, max_readahead_parts=self.options.max_readahead_parts
+        )
+        with self._lock:
+            fh = next(self._fh)
+            self._open[fh] = reader
+        return fh
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        with self._lock:
+            reader = self._open.get(fh)
+        if reader is None:
+            raise FsError(errno.EBADF)
+        try:
+            return reader.read(offset, size)
+        except PreconditionFailedError:
+            key = reader.ref.meta.key
+            log.error(
+                "read %s at %d: the object changed since it was opened (ETag %s); "
+                "failing the read rather than mixing versions",
+                key,
+                offset,
+                reader.ref.meta.etag,
+            )
+            self.namespace.invalidate(_parent(key, self.options.prefix))
+            raise FsError(errno.EIO) from None
+        except OssfsError as exc:
+            log.error("read %s at %d+%d: %s", reader.ref.meta.key, offset, size, exc)
+            raise FsError(errno.EIO) from None
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            self._open.pop(fh, None)
+
+
+def _parent(key: str, prefix: str) -> str:
+    rel = key[len(prefix) :] if prefix and key.startswith(prefix) else key
+    return rel.rpartition("/")[0]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ossfs-resume"

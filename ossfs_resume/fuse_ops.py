@@ -1,0 +1,107 @@
+"""Thin FUSE adapter over BucketFS: translate calls, map errors, nothing else.
+
+The core is built in ``init``, i.e. after libfuse has daemonized: threads,
+sockets and SQLite handles created before a fork do not survive it.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from .core import BucketFS, FsError
+
+log = logging.getLogger(__name__)
+
+
+def _load_mfusepy() -> Any:
+    # Prefer libfuse3 when both are installed: it allows larger reads.
+    if "FUSE_LIBRARY_NAME" not in os.environ and ctypes.util.find_library("fuse3"):
+        os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
+    try:
+        import mfusepy
+    except OSError as exc:
+        raise RuntimeError(
+            f"libfuse is not installed ({exc}); install it with: apt-get install fuse3"
+        ) from None
+    return mfusepy
+
+
+def run_mount(
+    mountpoint: str,
+    make_core: Callable[[], BucketFS],
+    *,
+    foreground: bool,
+    metadata_ttl: float,
+    fsname: str,
+    debug: bool = False,
+) -> None:
+    """Mount and serve until unmounted. In background mode libfuse forks first."""
+    fuse = _load_mfusepy()
+    ttl = metadata_ttl if metadata_ttl != float("inf") else 86400.0
+
+    def erofs(*_args: Any) -> int:
+        raise fuse.FuseOSError(errno.EROFS)
+
+    class Adapter(fuse.Operations):  # type: ignore[misc, name-defined]
+        use_ns = True
+
+        def __init__(self) -> None:
+            self.core: BucketFS | None = None
+
+        def init_with_config(self, conn: Any, config: Any) -> None:
+            if config is not None:
+                config.entry_timeout = ttl
+                config.attr_timeout = ttl
+                config.negative_timeout = 0
+            self.core = make_core()
+            log.info("mounted %s at %s", fsname, mountpoint)
+
+        def destroy(self, path: str) -> None:
+            if self.core is not None:
+                self.core.close()
+                log.info("unmounted %s", mountpoint)
+
+        def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+            try:
+                return fn(*args)
+            except FsError as exc:
+                raise fuse.FuseOSError(exc.errno) from None
+
+        def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+            return self._call(self.core.getattr, path)  # type: ignore[union-attr]
+
+        def readdir(self, path: str, fh: int) -> list[str]:
+            return self._call(self.core.readdir, path)  # type: ignore[union-attr]
+
+        def open(self, path: str, flags: int) -> int:
+            return self._call(self.core.open, path, flags)  # type: ignore[union-attr]
+
+        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+            return self._call(self.core.read, fh, size, offset)  # type: ignore[union-attr]
+
+        def release(self, path: str, fh: int) -> int:
+            self._call(self.core.release, fh)  # type: ignore[union-attr]
+            return 0
+
+        def statfs(self, path: str) -> dict[str, int]:
+            return self._call(self.core.statfs)  # type: ignore[union-attr]
+
+        # A read-only mount: every change answers EROFS.
+        create = write = truncate = unlink = rmdir = mkdir = mknod = erofs
+        rename = link = symlink = chmod = chown = utimens = erofs
+        setxattr = removexattr = erofs
+
+    options: dict[str, Any] = {
+        "foreground": foreground,
+        "debug": debug,
+        "ro": True,
+        "fsname": fsname,
+        "subtype": "ossfs-resume",
+        "default_permissions": True,
+    }
+    fuse.FUSE(Adapter(), mountpoint, **options)

@@ -1,0 +1,155 @@
+"""The bucket as a directory tree, built from ListObjectsV2 pages.
+
+Directories are common prefixes (implicit) and ``dir/`` marker objects; files
+take size, mtime and ETag from the listing, so ``ls -l`` and ``find`` cost one
+LIST per directory page and no HEAD per file. Listings are cached with a TTL.
+
+Concurrency: ``_lock`` guards the TTL cache and the warned-key set only; it is
+never held during a LIST. Two threads missing the same directory at once may
+both list it; the later result simply replaces the earlier one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cachetools
+
+from .client import StoreClient
+
+log = logging.getLogger(__name__)
+
+#: TTL meaning "never expires", for immutable data.
+FOREVER = math.inf
+_MAX_NAME_BYTES = 255
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    is_dir: bool
+    key: str  # full object key, or the prefix ending in "/" for a directory
+    size: int = 0
+    mtime: float = 0.0
+    etag: str = ""
+
+
+def bad_name_reason(name: str) -> str | None:
+    """Why a key segment cannot be a POSIX file name, or None if it can."""
+    if name == "":
+        return "empty path segment"
+    if name in (".", ".."):
+        return f"{name!r} segment"
+    if "\0" in name:
+        return "NUL byte"
+    if len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+        return f"name longer than {_MAX_NAME_BYTES} bytes"
+    return None
+
+
+class Namespace:
+    """Maps mount paths ('a/b', '' for the root) to entries under a key prefix."""
+
+    def __init__(
+        self,
+        client: StoreClient,
+        prefix: str = "",
+        *,
+        list_ttl: float = 10.0,
+        max_dirs: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        self.list_ttl = list_ttl
+        self._lock = threading.Lock()
+        self._dirs: cachetools.Cache[str, dict[str, Entry]]
+        if list_ttl == FOREVER:
+            self._dirs = cachetools.LRUCache(maxsize=max_dirs)
+        else:
+            self._dirs = cachetools.TTLCache(maxsize=max_dirs, ttl=list_ttl, timer=clock)
+        self._warned: set[str] = set()
+
+    def key_for(self, path: str) -> str:
+        return self.prefix + path.strip("/")
+
+    def listdir(self, path: str) -> dict[str, Entry]:
+        """Entries of directory `path` (empty for a directory that does not exist)."""
+        path = path.strip("/")
+        if self.list_ttl > 0:
+            with self._lock:
+                cached = self._dirs.get(path)
+            if cached is not None:
+                return cached
+        entries = self._list(path)
+        if self.list_ttl > 0:
+            with self._lock:
+                self._dirs[path] = entries
+        return entries
+
+    def lookup(self, path: str) -> Entry | None:
+        """The entry at `path`, or None. The root always exists."""
+        path = path.strip("/")
+        if not path:
+            return Entry(name="", is_dir=True, key=self.prefix)
+        parent, _, name = path.rpartition("/")
+        parent_entry = self.lookup(parent) if parent else None
+        if parent and (parent_entry is None or not parent_entry.is_dir):
+            return None
+        return self.listdir(parent).get(name)
+
+    def invalidate(self, path: str | None = None) -> None:
+        with self._lock:
+            if path is None:
+                self._dirs.clear()
+            else:
+                self._dirs.pop(path.strip("/"), None)
+
+    def _list(self, path: str) -> dict[str, Entry]:
+        list_prefix = self.prefix + path + "/" if path else self.prefix
+        dirs: dict[str, Entry] = {}
+        files: dict[str, Entry] = {}
+        for page in self.client.list(list_prefix, "/"):
+            for common in page.prefixes:
+                name = common[len(list_prefix) :].removesuffix("/")
+                if self._usable(common, name):
+                    dirs[name] = Entry(name=name, is_dir=True, key=common)
+            for obj in page.objects:
+                name = obj.key[len(list_prefix) :]
+                if name == "":
+                    continue  # this directory's own marker object
+                if self._usable(obj.key, name):
+                    files[name] = Entry(
+                        name=name,
+                        is_dir=False,
+                        key=obj.key,
+                        size=obj.size,
+                        mtime=obj.last_modified,
+                        etag=obj.etag,
+                    )
+        for name in files.keys() & dirs.keys():
+            self._warn_once(
+                files[name].key,
+                f"key {files[name].key!r} is both an object and a prefix; showing the directory",
+            )
+            del files[name]
+        return {**files, **dirs}
+
+    def _usable(self, key: str, name: str) -> bool:
+        reason = bad_name_reason(name)
+        if reason is None:
+            return True
+        self._warn_once(key, f"skipping key {key!r}: {reason} cannot be a file name")
+        return False
+
+    def _warn_once(self, key: str, message: str) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        log.warning("%s", message)
