@@ -52,6 +52,7 @@ def run_mount(
 
         def __init__(self) -> None:
             self.core: BucketFS | None = None
+            self.destroyed = False
 
         def init_with_config(self, conn: Any, config: Any) -> None:
             if config is not None:
@@ -62,6 +63,7 @@ def run_mount(
             log.info("mounted %s at %s", fsname, mountpoint)
 
         def destroy(self, path: str) -> None:
+            self.destroyed = True
             if self.core is not None:
                 self.core.close()
                 log.info("unmounted %s", mountpoint)
@@ -104,4 +106,11 @@ def run_mount(
         "subtype": "ossfs-resume",
         "default_permissions": True,
     }
-    fuse.FUSE(Adapter(), mountpoint, **options)
+    adapter = Adapter()
+    try:
+        fuse.FUSE(adapter, mountpoint, **options)
+    except RuntimeError:
+        # libfuse reports a loop ended by SIGINT/SIGTERM as an error, but the
+        # file system was destroyed and unmounted cleanly: that is a normal exit.
+        if not adapter.destroyed:
+            raise
