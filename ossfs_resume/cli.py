@@ -18,7 +18,7 @@ from pathlib import Path
 from . import __version__
 from .client import StoreClient, StoreConfig, credentials_from_env
 from .errors import OssfsError, UsageError
-from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
+from .parts import DEFAULT_PART_SIZE, check_part_size
 
 log = logging.getLogger("ossfs_resume")
 
@@ -141,7 +141,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from .fuse_ops import run_mount
 
     url = parse_bucket_url(args.url)
-    part_size = check_part_size(parse_size(args.part_size))
+    part_size = check_part_size(args.part_size)
     list_ttl = parse_ttl(args.list_ttl)
     if args.max_parallel < 1:
         raise UsageError("--max-parallel must be at least 1")

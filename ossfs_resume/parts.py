@@ -34,13 +34,15 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def check_part_size(part_size: int) -> int:
-    if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+def check_part_size(part_size: int | str) -> int:
+    """Parse and range-check a part size; the error quotes what the user typed."""
+    value = parse_size(part_size)
+    if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
         raise UsageError(
-            f"bad part size {part_size}: it must be between 100 KiB ({MIN_PART_SIZE}) "
-            f"and 5 GiB ({MAX_PART_SIZE}) bytes"
+            f"bad part size {part_size!r} ({value} bytes): it must be between "
+            f"100K ({MIN_PART_SIZE}) and 5G ({MAX_PART_SIZE})"
         )
-    return part_size
+    return value
 
 
 def part_count(size: int, part_size: int) -> int:
