@@ -7,11 +7,12 @@ anything is mounted or written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from .errors import OssfsError, UsageError
 from .parts import DEFAULT_PART_SIZE, check_part_size
 
 log = logging.getLogger("ossfs_resume")
+
+ProgressFn = Callable[[int, int], None]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -57,8 +60,10 @@ def parse_ttl(text: str) -> float:
     return value
 
 
-def _store_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint", required=True, help="http(s)://host[:port] of the store")
+def _store_args(parser: argparse.ArgumentParser, *, endpoint_required: bool = True) -> None:
+    parser.add_argument(
+        "--endpoint", required=endpoint_required, help="http(s)://host[:port] of the store"
+    )
     parser.add_argument("--region", help="signing region (derived from OSS endpoints)")
     parser.add_argument(
         "--signature-version", choices=("v4", "v1"), default="v4", help="OSS signature version"
@@ -99,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--max-parallel", type=int, default=8, help="parallel part fetches")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     _common_args(mount)
+
+    prefetch = sub.add_parser(
+        "prefetch", help="fill the part cache for whole files (parallel, resumable)"
+    )
+    prefetch.add_argument(
+        "targets", nargs="+", metavar="TARGET", help="a file in a mount, or oss://BUCKET/KEY"
+    )
+    _store_args(prefetch, endpoint_required=False)
+    prefetch.add_argument("--cache-dir", help="cache dir (for oss:// targets; default as mount)")
+    prefetch.add_argument(
+        "--part-size", default=str(DEFAULT_PART_SIZE), help="part size for oss:// targets"
+    )
+    prefetch.add_argument("--threads", type=int, default=8, help="parallel part fetches")
+    prefetch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common_args(prefetch)
     return parser
 
 
@@ -197,6 +217,77 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, *, disable: bool = False) -> Iterator[ProgressFn]:
+    """A tqdm bar (bytes, rate, ETA) fed by (consumed, total) callbacks."""
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable
+    ) as bar:
+
+        def update(consumed: int, _total: int) -> None:
+            bar.update(consumed - bar.n)
+
+        yield update
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from .cache import PartCache
+    from .core import default_cache_dir
+    from .prefetch import MountedSource, prefetch_object
+
+    if args.threads < 1:
+        raise UsageError(f"bad thread count {args.threads}: must be at least 1")
+    jobs = []
+    for target in args.targets:
+        if "://" in target:
+            url = parse_bucket_url(target)
+            if not args.endpoint:
+                raise UsageError(f"{target}: --endpoint is needed for a URL target")
+            part_size = check_part_size(args.part_size)
+            cache_dir = str(Path(args.cache_dir or default_cache_dir()).absolute())
+            jobs.append((url, args, url.key, cache_dir, part_size))
+        else:
+            src = MountedSource.from_path(target)
+            url = BucketUrl(src.protocol, src.bucket, src.key)
+            src_args = argparse.Namespace(
+                endpoint=src.endpoint,
+                region=src.region,
+                signature_version=src.signature_version,
+                addressing=src.addressing,
+                anonymous=src.anonymous,
+            )
+            jobs.append((url, src_args, src.key, src.cache_dir, src.part_size))
+    for url, store_args, key, cache_dir, part_size in jobs:
+        client = make_client(url, store_args, pool_size=args.threads)
+        cache = PartCache(cache_dir)
+        try:
+            meta = client.head(key)
+            with progress_bar(meta.size, key, disable=args.no_progress) as bar:
+                result = prefetch_object(
+                    client, cache, meta, part_size, threads=args.threads, progress=bar
+                )
+        except KeyboardInterrupt:
+            print(
+                f"ossfs-resume: interrupted; fetched parts are kept in {cache_dir}: "
+                "run the same command again to fetch the rest",
+                file=sys.stderr,
+            )
+            return 130
+        finally:
+            cache.close()
+            client.close()
+        log.info(
+            "prefetched %s: %d of %d parts fetched, %d bytes",
+            client.describe(key),
+            result.parts_fetched,
+            result.parts_total,
+            result.bytes_fetched,
+        )
+    return 0
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING
     if args.verbose == 1:
@@ -221,7 +312,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
-COMMANDS = {"mount": cmd_mount}
+COMMANDS = {"mount": cmd_mount, "prefetch": cmd_prefetch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

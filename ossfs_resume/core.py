@@ -23,6 +23,7 @@ from .client import ObjectMeta, StoreClient
 from .errors import OssfsError, PreconditionFailedError
 from .namespace import Entry, Namespace
 from .parts import DEFAULT_PART_SIZE
+from .prefetch import SOURCE_XATTR, MountedSource
 from .reader import ObjectReader, ObjectRef, PartFetcher
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,28 @@ class BucketFS:
         except OssfsError as exc:
             log.error("read %s at %d+%d: %s", reader.ref.meta.key, offset, size, exc)
             raise FsError(errno.EIO) from None
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        """SOURCE_XATTR names a file's store, key and cache, so `prefetch PATH` can fill it."""
+        entry = self._entry(path)
+        if name != SOURCE_XATTR or entry.is_dir:
+            raise FsError(errno.ENODATA)
+        cfg = self.client.config
+        return MountedSource(
+            protocol=cfg.protocol,
+            endpoint=cfg.endpoint,
+            bucket=cfg.bucket,
+            key=entry.key,
+            region=cfg.region,
+            signature_version=cfg.signature_version,
+            addressing=cfg.addressing,
+            anonymous=cfg.credentials is None,
+            cache_dir=str(self.cache.root),
+            part_size=self.options.part_size,
+        ).to_json()
+
+    def listxattr(self, path: str) -> list[str]:
+        return [] if self._entry(path).is_dir else [SOURCE_XATTR]
 
     def release(self, fh: int) -> None:
         with self._lock:

@@ -90,6 +90,12 @@ def run_mount(
             self._call(self.core.release, fh)  # type: ignore[union-attr]
             return 0
 
+        def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+            return self._call(self.core.getxattr, path, name)  # type: ignore[union-attr]
+
+        def listxattr(self, path: str) -> list[str]:
+            return self._call(self.core.listxattr, path)  # type: ignore[union-attr]
+
         def statfs(self, path: str) -> dict[str, int]:
             return self._call(self.core.statfs)  # type: ignore[union-attr]
 
