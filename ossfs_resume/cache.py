@@ -187,11 +187,15 @@ class PartCache:
             os.replace(tmp, final)
             _fsync_dir(final.parent)
             self.index.set(pid.index_key, f"{len(data)}:{crc}")
+            # We checksummed these very bytes: serve them without re-reading.
+            handle = VerifiedPart(final, len(data))
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             self._warn_write(exc)
             return False
+        with self._lock:
+            self._handles[pid] = handle
         return True
 
     def _warn_write(self, exc: OSError) -> None:

@@ -186,11 +186,19 @@ class ObjectReader:
         with self._lock:
             # The kernel issues concurrent reads slightly out of order; treat a
             # read near where the last one ended as sequential.
-            near = abs(offset - self._next_offset) <= 2 * part_size
-            sequential = offset == 0 or (self._next_offset > 0 and near)
+            expected = self._next_offset
+            near = abs(offset - expected) <= 2 * part_size
+            sequential = offset == 0 or (expected > 0 and near)
             self._next_offset = offset + size
             last = numbers[-1]
             if not sequential:
+                if self._window:
+                    log.debug(
+                        "%s: read at %d, expected near %d: read-ahead off",
+                        self.ref.meta.key,
+                        offset,
+                        expected,
+                    )
                 self._window = 0
                 self._ahead_until = last + 1
                 self._last_part = last

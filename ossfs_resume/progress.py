@@ -1,0 +1,126 @@
+"""Progress display for long transfers: a tqdm bar on a terminal, log lines elsewhere.
+
+A bar written into a log file or a pipe is noise (one carriage-return update
+per part), so the bar is only drawn when stderr is a terminal, unless forced.
+Without a bar, the start and the end of the transfer are logged instead, so a
+batch job's log still says what was transferred and how fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from types import TracebackType
+from typing import Literal, TextIO
+
+log = logging.getLogger(__name__)
+
+ProgressMode = Literal["auto", "always", "never"]
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class ProgressReporter:
+    """A ``(consumed_bytes, total_bytes)`` callback that draws a bar or logs start/end.
+
+    The total is only known once the transfer has looked at the object, so the
+    bar is created on the first call. Calls that would move the bar backwards
+    are ignored: the display never goes back even if a caller misbehaves.
+    """
+
+    def __init__(
+        self,
+        desc: str,
+        *,
+        mode: ProgressMode = "auto",
+        stream: TextIO | None = None,
+    ) -> None:
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"bad progress mode {mode!r}")
+        self.desc = desc
+        self.stream = stream if stream is not None else sys.stderr
+        if mode == "auto":
+            isatty = getattr(self.stream, "isatty", None)
+            self.enabled = bool(isatty and isatty())
+        else:
+            self.enabled = mode == "always"
+        self.consumed: int | None = None
+        self.total: int | None = None
+        self._first: int = 0
+        self._started: float | None = None
+        self._bar = None
+        self._closed = False
+
+    def __call__(self, consumed: int, total: int) -> None:
+        if self._started is None:
+            self._start(consumed, total)
+        if self.consumed is not None and consumed < self.consumed:
+            return
+        self.consumed, self.total = consumed, total
+        if self._bar is not None:
+            if self._bar.total != total:
+                self._bar.total = total
+            self._bar.update(consumed - self._bar.n)
+
+    def _start(self, consumed: int, total: int) -> None:
+        self._started = time.monotonic()
+        self._first = consumed
+        if self.enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                initial=consumed,
+                desc=self.desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=True,
+            )
+        else:
+            resumed = f", resuming at {_format_bytes(consumed)}" if consumed else ""
+            log.info("%s: starting, %s%s", self.desc, _format_bytes(total), resumed)
+
+    def close(self) -> None:
+        """Finish the bar, or log the end line; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+            return
+        if self._started is None or self.consumed is None or self.total is None:
+            return
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        moved = self.consumed - self._first
+        state = "finished" if self.consumed >= self.total else "stopped"
+        log.info(
+            "%s: %s at %s of %s; %s in %.1f s (%s/s)",
+            self.desc,
+            state,
+            _format_bytes(self.consumed),
+            _format_bytes(self.total),
+            _format_bytes(moved),
+            elapsed,
+            _format_bytes(moved / elapsed),
+        )
+
+    def __enter__(self) -> ProgressReporter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
