@@ -10,20 +10,32 @@ A crash at any point leaves either no row (the part is fetched again) or a row
 whose data is durable. Each row carries the part's CRC-64, checked the first
 time this process serves the part.
 
+Eviction is per part, before each write, when the cache would pass its size
+limit or the disk its free-space floor. Parts touched in more than one access
+window ("hot") outlive parts touched once, so a scan of cold data does not
+flush a hot file. Reads never write the index: accesses are counted in memory
+and flushed in one transaction every few seconds (``flush_access``).
+
 Concurrency: the index (diskcache, SQLite in WAL mode) is safe across threads
-and processes, so a `prefetch` process and a mount can share one cache dir.
-``_lock`` guards only the in-memory handle LRU and is never held during I/O.
+and processes, so a `prefetch` process and a mount can share one cache dir;
+the byte total is kept with diskcache's atomic ``incr``. ``_lock`` guards only
+the in-memory handle LRU and access map and is never held during I/O;
+``_evict_lock`` serialises this process's eviction scans (taken before
+``_lock``, never inside it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -62,6 +74,37 @@ class PartId:
 class PartRecord(NamedTuple):
     length: int
     crc: int
+    atime: float = 0.0  # last access, as of the last flush
+    hits: int = 0  # flush windows in which this part was read
+
+    def encode(self) -> str:
+        return f"{self.length}:{self.crc}:{self.atime:.0f}:{self.hits}"
+
+    @classmethod
+    def decode(cls, value: object) -> PartRecord | None:
+        if not isinstance(value, str):
+            return None
+        fields = value.split(":")
+        try:
+            length, crc = int(fields[0]), int(fields[1])
+            atime = float(fields[2]) if len(fields) > 2 else 0.0
+            hits = int(fields[3]) if len(fields) > 3 else 0
+        except (ValueError, IndexError):
+            return None
+        return cls(length, crc, atime, hits)
+
+
+#: Index key of the byte total of all indexed parts.
+BYTES_KEY = "meta:bytes"
+#: Temp files older than this are leftovers of a crash, not a write in progress.
+STALE_TEMP_SECONDS = 600
+
+
+def default_cache_limit(root: Path) -> tuple[int, int]:
+    """(size limit, free-space floor): 10% of the disk (at least 1 GiB) and 5% free (<= 4 GiB)."""
+    st = os.statvfs(root)
+    disk = st.f_blocks * st.f_frsize
+    return max(disk // 10, 1 << 30), min(disk // 20, 4 << 30)
 
 
 class VerifiedPart:
@@ -85,24 +128,59 @@ class VerifiedPart:
 class PartCache:
     """Part files under ``root/parts``, index under ``root/index``."""
 
-    def __init__(self, root: Path | str, *, open_handles: int = 64) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        max_bytes: int | None = None,
+        min_free_bytes: int | None = None,
+        open_handles: int = 16,
+    ) -> None:
         self.root = Path(root)
         self.parts_dir = self.root / "parts"
         self.parts_dir.mkdir(parents=True, exist_ok=True)
+        default_max, default_floor = default_cache_limit(self.root)
+        self.max_bytes = default_max if max_bytes is None else max_bytes
+        self.min_free_bytes = default_floor if min_free_bytes is None else min_free_bytes
         self.index = self._open_index()
         self._lock = threading.Lock()
+        self._evict_lock = threading.Lock()
+        self._reserved = 0  # bytes of parts being written by this process
         self._handles: cachetools.LRUCache[PartId, VerifiedPart] = cachetools.LRUCache(
             maxsize=open_handles
         )
+        self._touched: dict[PartId, float] = {}
+        self._reading: dict[PartId, int] = {}  # parts being served right now: never evicted
         self._write_warned = False
+        self.hits = 0
+        self.misses = 0
+        self._unflushed = {"hits": 0, "misses": 0, "fetched": 0}
 
     def _open_index(self) -> diskcache.Cache:
         path = self.root / "index"
         # "none": the index must never drop a row on its own; the cache's own
         # eviction removes data and row together.
-        return diskcache.Cache(str(path), eviction_policy="none", size_limit=2**62)
+        try:
+            index = diskcache.Cache(str(path), eviction_policy="none", size_limit=2**62)
+            index.get(BYTES_KEY)
+            return index
+        except (sqlite3.DatabaseError, OSError) as exc:
+            aside = path.with_name(f"index.broken-{int(time.time())}")
+            log.warning(
+                "the cache index %s cannot be opened (%s); moved it to %s and started a "
+                "fresh one (cached parts will be fetched again)",
+                path,
+                exc,
+                aside,
+            )
+            os.replace(path, aside)
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            return diskcache.Cache(str(path), eviction_policy="none", size_limit=2**62)
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.flush_access()
         with self._lock:
             self._handles.clear()
         self.index.close()
@@ -118,11 +196,7 @@ class PartCache:
     # -- lookups ----------------------------------------------------------
 
     def record(self, pid: PartId) -> PartRecord | None:
-        value = self.index.get(pid.index_key)
-        if not isinstance(value, str):
-            return None
-        length, _, crc = value.partition(":")
-        return PartRecord(int(length), int(crc))
+        return PartRecord.decode(self.index.get(pid.index_key))
 
     def has(self, pid: PartId) -> bool:
         return self.record(pid) is not None
@@ -133,12 +207,17 @@ class PartCache:
         The first use in this process reads the whole part and checks its
         CRC-64; a part that fails is dropped so the caller fetches it again.
         """
+        now = time.time()
         with self._lock:
             handle = self._handles.get(pid)
+            if handle is not None:
+                self._touched[pid] = now
         if handle is not None:
+            self._count("hits")
             return handle
         rec = self.record(pid)
         if rec is None:
+            self._count("misses")
             return None
         path = self.part_path(pid)
         try:
@@ -164,7 +243,34 @@ class PartCache:
             return None
         with self._lock:
             self._handles[pid] = handle
+            self._touched[pid] = now
+        self._count("hits")
         return handle
+
+    def touch(self, pid: PartId) -> None:
+        """Count a use of a part served from memory (just fetched), without an index write."""
+        with self._lock:
+            self._touched[pid] = time.time()
+
+    def read(self, pid: PartId, offset: int, size: int) -> bytes | None:
+        """Bytes of a cached part, or None if it is not (validly) cached.
+
+        The part is pinned while it is read, so this process never evicts it
+        mid-read (another process evicting it is harmless: the open file
+        outlives its name).
+        """
+        with self._lock:
+            self._reading[pid] = self._reading.get(pid, 0) + 1
+        try:
+            handle = self.open_verified(pid)
+            return None if handle is None else handle.pread(offset, size)
+        finally:
+            with self._lock:
+                left = self._reading[pid] - 1
+                if left:
+                    self._reading[pid] = left
+                else:
+                    del self._reading[pid]
 
     # -- writes -----------------------------------------------------------
 
@@ -173,6 +279,11 @@ class PartCache:
         crc = crc64(data)
         final = self.part_path(pid)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            self.make_room(len(data), keep=pid)
+        except OSError as exc:
+            self._warn_write(exc)
+            return False
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -186,7 +297,8 @@ class PartCache:
                 os.close(fd)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
-            self.index.set(pid.index_key, f"{len(data)}:{crc}")
+            # hits=0: fetched, not yet read; reads count the windows it is used in.
+            self._index_part(pid, PartRecord(len(data), crc, time.time(), 0))
             # We checksummed these very bytes: serve them without re-reading.
             handle = VerifiedPart(final, len(data))
         except OSError as exc:
@@ -194,9 +306,17 @@ class PartCache:
                 tmp.unlink()
             self._warn_write(exc)
             return False
+        finally:
+            self._release(len(data))
         with self._lock:
             self._handles[pid] = handle
         return True
+
+    def _index_part(self, pid: PartId, rec: PartRecord) -> None:
+        with self.index.transact():
+            old = PartRecord.decode(self.index.get(pid.index_key))
+            self.index.set(pid.index_key, rec.encode())
+            self.index.incr(BYTES_KEY, rec.length - (old.length if old else 0))
 
     def _warn_write(self, exc: OSError) -> None:
         if not self._write_warned:
@@ -209,20 +329,222 @@ class PartCache:
 
     def drop(self, pid: PartId) -> None:
         """Forget a part: index row first, so no reader is ever pointed at missing data."""
-        self.index.delete(pid.index_key)
+        self._unindex(pid)
         with self._lock:
             self._handles.pop(pid, None)
         with contextlib.suppress(OSError):
             self.part_path(pid).unlink()
 
+    def _unindex(self, pid: PartId) -> int:
+        """Delete a part's row and count its bytes out; returns the bytes freed."""
+        with self.index.transact():
+            old = PartRecord.decode(self.index.get(pid.index_key))
+            if old is None:
+                return 0
+            self.index.delete(pid.index_key)
+            self.index.incr(BYTES_KEY, -old.length)
+            return old.length
+
     def drop_object(self, oid: str, size: int, part_sizes: list[int]) -> None:
         for part_size in part_sizes:
             for number in range(part_count(size, part_size)):
-                self.index.delete(PartId(oid, part_size, number).index_key)
+                self._unindex(PartId(oid, part_size, number))
         with self._lock:
             for pid in [p for p in self._handles if p.object_id == oid]:
                 self._handles.pop(pid, None)
         shutil.rmtree(self.object_dir(oid), ignore_errors=True)
+
+    # -- size limit and eviction ------------------------------------------
+
+    def used_bytes(self) -> int:
+        return int(self.index.get(BYTES_KEY, 0))
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        """In-memory statistics, flushed with the access times (no write per read)."""
+        with self._lock:
+            self._unflushed[name] += amount
+            if name == "hits":
+                self.hits += amount
+            elif name == "misses":
+                self.misses += amount
+
+    def note_fetched(self, nbytes: int) -> None:
+        self._count("fetched", nbytes)
+
+    def flush_access(self) -> None:
+        """Write the accesses counted in memory to the index, in one transaction."""
+        with self._lock:
+            touched, self._touched = self._touched, {}
+            counts = self._unflushed
+            self._unflushed = {"hits": 0, "misses": 0, "fetched": 0}
+        with self.index.transact():
+            for name, amount in counts.items():
+                if amount:
+                    self.index.incr(f"stat:{name}", amount)
+            for pid, atime in touched.items():
+                rec = PartRecord.decode(self.index.get(pid.index_key))
+                if rec is not None and atime > rec.atime:
+                    self.index.set(
+                        pid.index_key, rec._replace(atime=atime, hits=rec.hits + 1).encode()
+                    )
+
+    def _parts(self) -> list[tuple[PartId, PartRecord]]:
+        out = []
+        for key in self.index.iterkeys():
+            if not isinstance(key, str) or not key.startswith("p:"):
+                continue
+            rec = PartRecord.decode(self.index.get(key))
+            if rec is None:
+                continue
+            _, oid, part_size, number = key.split(":")
+            out.append((PartId(oid, int(part_size), int(number)), rec))
+        return out
+
+    def _needs_room(self, incoming: int) -> bool:
+        if self.used_bytes() + incoming > self.max_bytes:
+            return True
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize - incoming < self.min_free_bytes
+
+    def make_room(self, incoming: int, keep: PartId | None = None) -> None:
+        """Reserve `incoming` bytes, evicting parts until they fit the limit and the floor.
+
+        Parts used once go first, oldest first; then hot parts, oldest first.
+        Evicts down to 90% of the limit, so a scan runs once per many writes.
+        Parts being read right now are never evicted. The reservation stops
+        parallel fetches from all passing the check before any of them writes;
+        `store` releases it.
+        """
+        with self._evict_lock:
+            pending = self._reserved + incoming
+            if self._needs_room(pending):
+                self._evict(pending, keep)
+                st = os.statvfs(self.root)
+                if st.f_bavail * st.f_frsize - pending < self.min_free_bytes:
+                    # Nothing left to evict and the disk is at its floor: do not fill it.
+                    raise OSError(errno.ENOSPC, "free space below the cache's floor")
+            self._reserved += incoming
+
+    def _release(self, nbytes: int) -> None:
+        with self._evict_lock:
+            self._reserved -= nbytes
+
+    def _evict(self, pending: int, keep: PartId | None) -> None:
+        self.flush_access()
+        with self._lock:
+            busy = set(self._reading)
+        candidates = [(pid, rec) for pid, rec in self._parts() if pid != keep and pid not in busy]
+        candidates.sort(key=lambda item: (item[1].hits > 1, item[1].atime))
+        target = int(self.max_bytes * 0.9) - pending
+        evicted = freed = 0
+        for pid, _rec in candidates:
+            if self.used_bytes() <= target and not self._needs_room(pending):
+                break
+            freed += self._unindex(pid)
+            with self._lock:
+                self._handles.pop(pid, None)
+            with contextlib.suppress(OSError):
+                self.part_path(pid).unlink()
+            evicted += 1
+        log.info(
+            "cache over its limit: evicted %d parts (%d bytes); %d of %d bytes in use",
+            evicted,
+            freed,
+            self.used_bytes(),
+            self.max_bytes,
+        )
+
+    # -- maintenance commands ---------------------------------------------
+
+    def stats(self) -> dict[str, int | float]:
+        self.flush_access()
+        objects = sum(
+            1 for key in self.index.iterkeys() if isinstance(key, str) and key.startswith("o:")
+        )
+        parts = self._parts()
+        hits = int(self.index.get("stat:hits", 0))
+        misses = int(self.index.get("stat:misses", 0))
+        return {
+            "objects": objects,
+            "parts": len(parts),
+            "bytes": sum(rec.length for _, rec in parts),
+            "limit_bytes": self.max_bytes,
+            "hits": hits,
+            "misses": misses,
+            "hit_ratio": hits / (hits + misses) if hits + misses else 0.0,
+            "bytes_fetched": int(self.index.get("stat:fetched", 0)),
+        }
+
+    def verify_all(self) -> tuple[int, list[Path]]:
+        """Check every part's CRC-64; drop the bad ones. Returns (checked, bad paths)."""
+        checked, bad = 0, []
+        for pid, rec in self._parts():
+            path = self.part_path(pid)
+            try:
+                data = path.read_bytes()
+                ok = len(data) == rec.length and crc64(data) == rec.crc
+            except OSError:
+                ok = False
+            checked += 1
+            if not ok:
+                bad.append(path)
+                self.drop(pid)
+        return checked, bad
+
+    def clear(self) -> int:
+        """Forget every part and object; returns the parts dropped."""
+        parts = self._parts()
+        with self._lock:
+            self._handles.clear()
+        for pid, _ in parts:
+            self._unindex(pid)
+        for key in list(self.index.iterkeys()):
+            if isinstance(key, str) and key.startswith("o:"):
+                self.index.delete(key)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        return len(parts)
+
+    def clear_object(self, store_id: str, bucket: str, key: str) -> bool:
+        """Forget every cached version of one object; False if none was cached."""
+        row_key = f"o:{_name_id(store_id, bucket, key)}"
+        raw = self.index.get(row_key)
+        if not isinstance(raw, str):
+            return False
+        record = json.loads(raw)
+        self.drop_object(record["oid"], record.get("size", 0), record.get("part_sizes", []))
+        self.index.delete(row_key)
+        return True
+
+    # -- start-up check ---------------------------------------------------
+
+    def check_consistency(self) -> int:
+        """Drop rows whose data is missing or the wrong length; sweep stale temp files.
+
+        Returns how many rows were dropped. Checksums are left to first use
+        (`open_verified`) or `cache verify`: reading every part at start-up
+        would make mounting cost as much as the cache is large.
+        """
+        dropped = 0
+        for pid, rec in self._parts():
+            try:
+                size = self.part_path(pid).stat().st_size
+            except OSError:
+                size = -1
+            if size != rec.length:
+                log.warning(
+                    "cached part %s: data %s; dropping its index row",
+                    self.part_path(pid),
+                    "missing" if size < 0 else f"has {size} bytes, not {rec.length}",
+                )
+                self._unindex(pid)
+                dropped += 1
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        for tmp in self.parts_dir.glob("*/*/.*.tmp"):
+            with contextlib.suppress(OSError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+        return dropped
 
     # -- object versions --------------------------------------------------
 
@@ -271,3 +593,67 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class UncachedParts(PartCache):
+    """Stands in for the cache when its directory cannot be used: every read goes to the store."""
+
+    def __init__(self, root: Path | str, reason: str) -> None:
+        self.root = Path(root)
+        self.max_bytes = self.min_free_bytes = 0
+        self.hits = self.misses = 0
+        log.warning(
+            "the cache dir %s is unusable (%s); reading straight from the store", root, reason
+        )
+
+    def record(self, pid: PartId) -> PartRecord | None:
+        return None
+
+    def open_verified(self, pid: PartId) -> VerifiedPart | None:
+        self.misses += 1
+        return None
+
+    def read(self, pid: PartId, offset: int, size: int) -> bytes | None:
+        return None
+
+    def touch(self, pid: PartId) -> None:
+        return None
+
+    def store(self, pid: PartId, data: Buffer) -> bool:
+        return False
+
+    def drop(self, pid: PartId) -> None:
+        return None
+
+    def drop_object(self, oid: str, size: int, part_sizes: list[int]) -> None:
+        return None
+
+    def note_fetched(self, nbytes: int) -> None:
+        return None
+
+    def used_bytes(self) -> int:
+        return 0
+
+    def flush_access(self) -> None:
+        return None
+
+    def check_consistency(self) -> int:
+        return 0
+
+    def note_version(
+        self, store_id: str, bucket: str, key: str, etag: str, size: int, part_size: int
+    ) -> str:
+        return object_id(store_id, bucket, key, etag)
+
+    def close(self) -> None:
+        return None
+
+
+def open_cache(
+    root: Path | str, *, max_bytes: int | None = None, min_free_bytes: int | None = None
+) -> PartCache:
+    """The part cache at `root`, or a pass-through stand-in (with one warning) if unusable."""
+    try:
+        return PartCache(root, max_bytes=max_bytes, min_free_bytes=min_free_bytes)
+    except (OSError, sqlite3.Error) as exc:
+        return UncachedParts(root, str(exc))

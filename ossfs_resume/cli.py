@@ -7,23 +7,21 @@ anything is mounted or written.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .client import StoreClient, StoreConfig, credentials_from_env
+from .client import StoreClient, StoreConfig, credentials_from_env, store_id
+from .download import add_download_parser, cmd_download
 from .errors import OssfsError, UsageError
-from .parts import DEFAULT_PART_SIZE, check_part_size
+from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
 
 log = logging.getLogger("ossfs_resume")
-
-ProgressFn = Callable[[int, int], None]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -102,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument("--list-ttl", default="10", help="seconds a listing is trusted; 'never'")
     mount.add_argument("--max-parallel", type=int, default=8, help="parallel part fetches")
+    mount.add_argument(
+        "--cache-size", help="cache size limit, e.g. 20G (default: 10%% of the cache's disk)"
+    )
+    mount.add_argument(
+        "--cache-min-free", help="free space to leave on the cache's disk (default: 5%%, <= 4G)"
+    )
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     _common_args(mount)
 
@@ -117,8 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--part-size", default=str(DEFAULT_PART_SIZE), help="part size for oss:// targets"
     )
     prefetch.add_argument("--threads", type=int, default=8, help="parallel part fetches")
-    prefetch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prefetch.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress bar (auto: only when stderr is a terminal)",
+    )
     _common_args(prefetch)
+
+    add_download_parser(sub, store_args=_store_args, common_args=_common_args)
+
+    cache = sub.add_parser("cache", help="inspect or clean the part cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    for name, text in (
+        ("stats", "objects, parts, bytes, hit ratio, bytes fetched"),
+        ("verify", "check every cached part's checksum; drop and report bad ones"),
+        ("clear", "forget cached parts: all, or those of the given files"),
+    ):
+        cmd = cache_sub.add_parser(name, help=text)
+        cmd.add_argument("--cache-dir", help="the cache dir (default as mount)")
+        if name == "clear":
+            cmd.add_argument(
+                "targets", nargs="*", metavar="PATH", help="files in a mount, or oss://BUCKET/KEY"
+            )
+            _store_args(cmd, endpoint_required=False)
+        _common_args(cmd)
     return parser
 
 
@@ -156,7 +183,7 @@ def check_mountpoint(path: str) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .cache import PartCache
+    from .cache import open_cache
     from .core import BucketFS, MountOptions, default_cache_dir
     from .fuse_ops import run_mount
 
@@ -176,11 +203,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
         probe.check_access(prefix)
     finally:
         probe.close()
+    cache_size = parse_size(args.cache_size) if args.cache_size else None
+    cache_min_free = parse_size(args.cache_min_free) if args.cache_min_free else None
+    cache_usable = True
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create cache dir {cache_dir}: {exc.strerror}") from None
-    if not args.foreground and not args.log_file:
+    except OSError:
+        cache_usable = False  # the mount reads straight from the store, with a warning
+    if not args.foreground and not args.log_file and cache_usable:
         args.log_file = str(cache_dir / "ossfs-resume.log")
         _setup_logging(args)
 
@@ -192,8 +222,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     )
 
     def make_core() -> BucketFS:
-        client = make_client(url, args, pool_size=args.max_parallel + 8)
-        return BucketFS(client, PartCache(cache_dir), options)
+        # Short read timeout and few attempts: a dead store must give EIO in seconds.
+        client = make_client(
+            url, args, pool_size=args.max_parallel + 8, read_timeout=5.0, max_attempts=3
+        )
+        cache = open_cache(cache_dir, max_bytes=cache_size, min_free_bytes=cache_min_free)
+        return BucketFS(client, cache, options)
 
     log.info(
         "mounting %s://%s/%s at %s (cache %s, part size %d)",
@@ -217,25 +251,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def progress_bar(total: int, desc: str, *, disable: bool = False) -> Iterator[ProgressFn]:
-    """A tqdm bar (bytes, rate, ETA) fed by (consumed, total) callbacks."""
-    from tqdm import tqdm
-
-    with tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable
-    ) as bar:
-
-        def update(consumed: int, _total: int) -> None:
-            bar.update(consumed - bar.n)
-
-        yield update
-
-
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from .cache import PartCache
     from .core import default_cache_dir
     from .prefetch import MountedSource, prefetch_object
+    from .progress import ProgressReporter
 
     if args.threads < 1:
         raise UsageError(f"bad thread count {args.threads}: must be at least 1")
@@ -264,9 +284,9 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         cache = PartCache(cache_dir)
         try:
             meta = client.head(key)
-            with progress_bar(meta.size, key, disable=args.no_progress) as bar:
+            with ProgressReporter(key, mode=args.progress) as reporter:
                 result = prefetch_object(
-                    client, cache, meta, part_size, threads=args.threads, progress=bar
+                    client, cache, meta, part_size, threads=args.threads, progress=reporter
                 )
         except KeyboardInterrupt:
             print(
@@ -286,6 +306,57 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
             result.bytes_fetched,
         )
     return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import PartCache
+    from .core import default_cache_dir
+    from .prefetch import MountedSource
+
+    default_dir = Path(args.cache_dir or default_cache_dir()).absolute()
+    targets = getattr(args, "targets", None) or []
+    # (cache dir, store id, bucket, key) per target; a mount's file names its own cache.
+    objects = []
+    for target in targets:
+        if "://" in target:
+            url = parse_bucket_url(target)
+            if not args.endpoint:
+                raise UsageError(f"{target}: --endpoint is needed for a URL target")
+            objects.append(
+                (default_dir, store_id(url.protocol, args.endpoint), url.bucket, url.key)
+            )
+        else:
+            src = MountedSource.from_path(target)
+            sid = store_id(src.protocol, src.endpoint)
+            objects.append((Path(src.cache_dir), sid, src.bucket, src.key))
+    cache_dirs = {entry[0] for entry in objects} or {default_dir}
+    for cache_dir in cache_dirs:
+        if not (cache_dir / "index").is_dir():
+            raise UsageError(f"no cache at {cache_dir}")
+    status = 0
+    for cache_dir in sorted(cache_dirs):
+        cache = PartCache(cache_dir)
+        try:
+            if args.cache_command == "stats":
+                for name, value in cache.stats().items():
+                    shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+                    print(f"{name:14} {shown}")
+            elif args.cache_command == "verify":
+                checked, bad = cache.verify_all()
+                for path in bad:
+                    print(f"bad part dropped: {path}")
+                print(f"checked {checked} parts: {len(bad)} bad")
+                status = 1 if bad else status
+            elif not objects:
+                print(f"cleared {cache.clear()} parts from {cache_dir}")
+            else:
+                for target, (where, sid, bucket, key) in zip(targets, objects, strict=True):
+                    if where == cache_dir:
+                        found = cache.clear_object(sid, bucket, key)
+                        print(f"{'cleared' if found else 'not cached'}: {target}")
+        finally:
+            cache.close()
+    return status
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -312,7 +383,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
-COMMANDS = {"mount": cmd_mount, "prefetch": cmd_prefetch}
+COMMANDS = {
+    "mount": cmd_mount,
+    "prefetch": cmd_prefetch,
+    "download": cmd_download,
+    "cache": cmd_cache,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

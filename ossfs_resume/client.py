@@ -90,8 +90,7 @@ class StoreConfig:
 
     @property
     def store_id(self) -> str:
-        """Identifies the store in cache keys: protocol plus endpoint, no credentials."""
-        return f"{self.protocol}+{self.endpoint.rstrip('/')}"
+        return store_id(self.protocol, self.endpoint)
 
     @property
     def effective_region(self) -> str:
@@ -111,6 +110,11 @@ class StoreConfig:
         # IPs and localhost have no per-bucket DNS names; S3 on custom endpoints
         # (SeaweedFS, MinIO) also expects path style.
         return bool(_IP_HOST.match(host)) or (self.protocol == "s3" and "amazonaws" not in host)
+
+
+def store_id(protocol: str, endpoint: str) -> str:
+    """Identifies a store in cache keys: protocol plus endpoint, no credentials."""
+    return f"{protocol}+{endpoint.rstrip('/')}"
 
 
 def credentials_from_env(
@@ -156,11 +160,11 @@ class RequestCounters:
 
 
 class _Retry(Exception):
-    """Internal: this attempt failed in a way worth retrying."""
+    """Internal: a body was cut short; `filled` bytes of it arrived and are kept."""
 
-    def __init__(self, reason: str, exc: StoreError | None = None) -> None:
+    def __init__(self, reason: str, filled: int = 0) -> None:
         super().__init__(reason)
-        self.error = exc
+        self.filled = filled
 
 
 class StoreClient:
@@ -233,7 +237,8 @@ class StoreClient:
                 filled += self._read_into(resp, view[filled:length], key)
             except _Retry as retry:
                 resp.close()
-                attempt += 1
+                filled += retry.filled  # resume from the byte reached
+                attempt += 1  # bounded: a link that keeps dropping gives up in seconds
                 if attempt >= self.config.max_attempts:
                     raise StoreUnavailableError(
                         f"GET {self.describe(key)}: {retry} after {attempt} attempts", key=key
@@ -362,7 +367,11 @@ class StoreClient:
                     timeout=(self.config.connect_timeout, self.config.read_timeout),
                     allow_redirects=False,
                 )
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,  # a body cut short
+            ) as exc:
                 reason = _connection_reason(exc)
                 if attempt >= self.config.max_attempts:
                     raise StoreUnavailableError(
@@ -394,7 +403,7 @@ class StoreClient:
         self._sleep_backoff(attempt)
 
     def _sleep_backoff(self, attempt: int) -> None:
-        # Exponential backoff with full jitter, so many readers do not retry in step.
+        # Exponential backoff with jitter (half to all of a step): readers do not retry in step.
         ceiling = min(self.config.backoff_cap, self.config.backoff_base * (2 ** (attempt - 1)))
         time.sleep(random.uniform(ceiling / 2, ceiling))
 
@@ -479,11 +488,11 @@ class StoreClient:
         except Exception as exc:  # urllib3/http.client errors vary by version
             self.counters.add("bytes_received", filled)
             raise _Retry(
-                f"body cut short after {filled} of {total} bytes ({type(exc).__name__})"
+                f"body cut short after {filled} of {total} bytes ({type(exc).__name__})", filled
             ) from None
         self.counters.add("bytes_received", filled)
         if filled < total:
-            raise _Retry(f"body cut short after {filled} of {total} bytes")
+            raise _Retry(f"body cut short after {filled} of {total} bytes", filled)
         return filled
 
     def _meta_from_headers(self, key: str, headers: Mapping[str, str]) -> ObjectMeta:

@@ -44,6 +44,7 @@ class MountOptions:
     max_parallel: int = 8
     max_readahead_parts: int = 8
     max_inflight_bytes: int = 256 << 20
+    access_flush_seconds: float = 1.0
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     file_mode: int = 0o444
@@ -66,8 +67,29 @@ class BucketFS:
         self._open: dict[int, ObjectReader] = {}
         self._fh = itertools.count(1)
         self._mounted_at = time.time()
+        self._stop = threading.Event()
+        self._housekeeper = threading.Thread(
+            target=self._housekeeping, name="cache-housekeeping", daemon=True
+        )
+        self._housekeeper.start()
+
+    def _housekeeping(self) -> None:
+        """Check the cache once at start, then flush access times every few seconds."""
+        try:
+            dropped = self.cache.check_consistency()
+            if dropped:
+                log.warning("dropped %d cache index rows whose data was missing", dropped)
+        except Exception:
+            log.exception("cache consistency check failed")
+        while not self._stop.wait(self.options.access_flush_seconds):
+            try:
+                self.cache.flush_access()
+            except Exception:
+                log.exception("flushing cache access times failed")
 
     def close(self) -> None:
+        self._stop.set()
+        self._housekeeper.join(timeout=10)
         self.fetcher.shutdown()
         self.cache.close()
         self.client.close()
@@ -118,7 +140,10 @@ class BucketFS:
 
     def statfs(self) -> dict[str, int]:
         # A bucket has no fixed size; report the cache's disk so df shows something true.
-        st = os.statvfs(self.cache.root)
+        try:
+            st = os.statvfs(self.cache.root)
+        except OSError:
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
         return {
             "f_bsize": st.f_bsize,
             "f_frsize": st.f_frsize,
@@ -167,15 +192,17 @@ class BucketFS:
         try:
             return reader.read(offset, size)
         except PreconditionFailedError:
-            key = reader.ref.meta.key
+            ref = reader.ref
             log.error(
                 "read %s at %d: the object changed since it was opened (ETag %s); "
                 "failing the read rather than mixing versions",
-                key,
+                ref.meta.key,
                 offset,
-                reader.ref.meta.etag,
+                ref.meta.etag,
             )
-            self.namespace.invalidate(_parent(key, self.options.prefix))
+            # That version is gone from the store: forget its parts and its listing.
+            self.cache.drop_object(ref.object_id, ref.meta.size, [ref.part_size])
+            self.namespace.invalidate(_parent(ref.meta.key, self.options.prefix))
             raise FsError(errno.EIO) from None
         except OssfsError as exc:
             log.error("read %s at %d+%d: %s", reader.ref.meta.key, offset, size, exc)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .cache import PartCache, PartId
 from .client import ObjectMeta, StoreClient
-from .errors import PreconditionFailedError
+from .errors import PreconditionFailedError, StoreUnavailableError
 from .parts import part_bounds, part_count, parts_covering
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,23 @@ class PartFetcher:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        # Read-ahead that never started has futures nobody will resolve: fail
+        # them, so a reader waiting on one gets an error instead of hanging.
+        with self._lock:
+            stranded = list(self._inflight.values())
+            self._inflight.clear()
+            self._inflight_bytes = 0
+        for future in stranded:
+            if not future.done():
+                future.set_exception(StoreUnavailableError("the mount is shutting down"))
 
     def read(self, ref: ObjectRef, number: int, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of part `number`, from the cache or the store."""
-        pid = ref.part_id(number)
-        handle = self.cache.open_verified(pid)
-        if handle is not None:
-            return handle.pread(offset, size)
+        cached = self.cache.read(ref.part_id(number), offset, size)
+        if cached is not None:
+            return cached
         data = self.fetch(ref, number)
+        self.cache.touch(ref.part_id(number))
         return bytes(data[offset : offset + size])
 
     def fetch(self, ref: ObjectRef, number: int) -> memoryview:
@@ -137,6 +146,7 @@ class PartFetcher:
                 self.client.get_range(
                     ref.meta.key, start, start + length - 1, if_match=ref.meta.etag, into=buf
                 )
+                self.cache.note_fetched(length)
                 self.cache.store(pid, buf)
                 data = memoryview(buf)
             future.set_result(data)

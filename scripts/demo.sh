@@ -42,7 +42,7 @@ step "md5sum through the mount equals the source"
 (cd "$SRC" && md5sum docs/notes.md data/2024/02/part-000.bin)
 
 step "Prefetch the 1 GiB file into the part cache (parallel parts, resumable)"
-$BIN prefetch "$MNT/big/blob.bin"
+$BIN prefetch --progress always "$MNT/big/blob.bin"
 
 step "Read it back: served from the local part cache"
 time md5sum "$MNT/big/blob.bin"

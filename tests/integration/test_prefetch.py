@@ -46,7 +46,8 @@ def test_prefetch_then_reading_through_the_mount_issues_no_get(
     mount = mounter.mount(endpoint=proxy.endpoint, extra=["--part-size", "1M"])
     path = mount.path / key
     result = run_cli(
-        ["prefetch", str(path), "--threads", "4", "--no-progress"], env=store_env(mounter.store)
+        ["prefetch", str(path), "--threads", "4", "--progress", "never"],
+        env=store_env(mounter.store),
     )
     assert result.returncode == 0, result.stderr
     assert len(_ranges(proxy)) == 33  # every 1 MiB part, once
@@ -54,7 +55,7 @@ def test_prefetch_then_reading_through_the_mount_issues_no_get(
     assert hashlib.md5(path.read_bytes()).digest() == hashlib.md5(data).digest()
     assert _ranges(proxy) == set(), "the mount fetched parts that prefetch had cached"
     # A second prefetch finds everything cached and fetches nothing.
-    result = run_cli(["prefetch", str(path), "--no-progress"], env=store_env(mounter.store))
+    result = run_cli(["prefetch", str(path), "--progress", "never"], env=store_env(mounter.store))
     assert result.returncode == 0, result.stderr
     assert _ranges(proxy) == set()
 
@@ -74,7 +75,8 @@ def test_prefetch_by_url_fills_a_cache_a_later_mount_uses(
             str(cache),
             "--part-size",
             "2M",
-            "--no-progress",
+            "--progress",
+            "never",
         ],
         env=store_env(mounter.store),
     )
@@ -96,7 +98,7 @@ def test_kill_9_during_prefetch_then_rerun_fetches_only_missing_parts(
         mount = mounter.mount(endpoint=slow.endpoint, extra=["--part-size", "1M"])
         path = mount.path / key
         proc = subprocess.Popen(
-            [*CLI, "prefetch", str(path), "--threads", str(threads), "--no-progress"],
+            [*CLI, "prefetch", str(path), "--threads", str(threads), "--progress", "never"],
             env=store_env(store),
             cwd=REPO,
             stdin=subprocess.DEVNULL,
@@ -118,7 +120,7 @@ def test_kill_9_during_prefetch_then_rerun_fetches_only_missing_parts(
         assert len(first) < 33
         slow.reset_counts()
         result = run_cli(
-            ["prefetch", str(path), "--threads", str(threads), "--no-progress"],
+            ["prefetch", str(path), "--threads", str(threads), "--progress", "never"],
             env=store_env(store),
             timeout=120,
         )
@@ -139,7 +141,7 @@ def test_prefetch_while_the_mount_reads_the_same_file(
     mount = mounter.mount(endpoint=proxy.endpoint, extra=["--part-size", "1M"])
     path = mount.path / key
     proc = subprocess.Popen(
-        [*CLI, "prefetch", str(path), "--threads", "4", "--no-progress"],
+        [*CLI, "prefetch", str(path), "--threads", "4", "--progress", "never"],
         env=store_env(mounter.store),
         cwd=REPO,
         stdin=subprocess.DEVNULL,

@@ -1,0 +1,418 @@
+"""BucketFS, the FUSE-free core: stat, readdir, open and read over a fake store."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ossfs_resume.cache import PartCache, object_id
+from ossfs_resume.client import ListPage, ObjectMeta
+from ossfs_resume.core import BucketFS, FsError, MountOptions
+from ossfs_resume.errors import (
+    AccessDeniedError,
+    NoSuchBucketError,
+    PreconditionFailedError,
+    StoreUnavailableError,
+)
+
+PART = 1000
+MTIME = 1_700_000_123.5
+BUCKET = "bkt"
+
+
+#: Every test here takes well under a second; a hang (a deadlock, a read that
+#: never returns) becomes a failure after this long instead of stalling the run.
+WATCHDOG_SECONDS = 10.0
+
+
+@pytest.fixture(autouse=True)
+def _watchdog() -> Iterator[None]:
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"test still running after {WATCHDOG_SECONDS} s: a deadlock or hang")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, WATCHDOG_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _payload(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 11 + seed + (i >> 9)) % 256 for i in range(size))
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    bucket: str = BUCKET
+    store_id: str = "s3+http://fake"
+
+
+class FakeStoreClient:
+    """Objects in memory: listing, HEAD and pinned ranged GETs, as StoreClient offers them."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.config = FakeConfig()
+        self.objects = dict(objects)
+        self.etags = {k: f"etag-{i}" for i, k in enumerate(objects)}
+        self.list_calls: list[str] = []
+        self.get_calls: list[tuple[str, int, int, str | None]] = []
+        self.head_calls: list[str] = []
+        self.list_error: Exception | None = None
+        self.get_error: Exception | None = None
+        self.hide_etags = False
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def replace(self, key: str, data: bytes) -> None:
+        self.objects[key] = data
+        self.etags[key] = self.etags[key] + "-new"
+
+    def list(self, prefix: str, delimiter: str = "/") -> Iterator[ListPage]:
+        self.list_calls.append(prefix)
+        if self.list_error is not None:
+            raise self.list_error
+        objects: list[ObjectMeta] = []
+        prefixes: set[str] = set()
+        for key in sorted(self.objects):
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix) :]
+            if delimiter in rest:
+                prefixes.add(prefix + rest[: rest.index(delimiter) + 1])
+            else:
+                etag = "" if self.hide_etags else self.etags[key]
+                objects.append(ObjectMeta(key, len(self.objects[key]), etag, MTIME))
+        yield ListPage(objects, sorted(prefixes), None)
+
+    def head(self, key: str) -> ObjectMeta:
+        self.head_calls.append(key)
+        return ObjectMeta(key, len(self.objects[key]), self.etags[key], MTIME)
+
+    def get_range(
+        self,
+        key: str,
+        start: int,
+        end: int,
+        *,
+        if_match: str | None = None,
+        into: bytearray | memoryview | None = None,
+    ) -> bytearray | memoryview:
+        with self._lock:
+            self.get_calls.append((key, start, end, if_match))
+        if self.get_error is not None:
+            raise self.get_error
+        if if_match is not None and if_match != self.etags[key]:
+            raise PreconditionFailedError(f"GET {key}: the object changed", status=412, key=key)
+        chunk = self.objects[key][start : end + 1]
+        buf = bytearray(len(chunk)) if into is None else into
+        buf[: len(chunk)] = chunk
+        return buf
+
+    def close(self) -> None:
+        self.closed = True
+
+
+OBJECTS = {
+    "readme.txt": b"hello, bucket\n",
+    "data/big.bin": _payload(5 * PART + 17),
+    "data/nested/deep.bin": _payload(2 * PART, seed=3),
+    "data/empty": b"",
+    "marker/": b"",
+}
+
+
+@pytest.fixture
+def client() -> FakeStoreClient:
+    return FakeStoreClient(OBJECTS)
+
+
+@pytest.fixture
+def make_fs(client: FakeStoreClient, tmp_path: Path) -> Iterator[Callable[..., BucketFS]]:
+    made: list[BucketFS] = []
+
+    def make(**options: object) -> BucketFS:
+        defaults: dict[str, object] = {
+            "part_size": PART,
+            "uid": 1234,
+            "gid": 5678,
+            "max_readahead_parts": 4,
+        }
+        defaults.update(options)
+        cache = PartCache(tmp_path / f"cache{len(made)}")
+        fs = BucketFS(client, cache, MountOptions(**defaults))  # type: ignore[arg-type]
+        made.append(fs)
+        return fs
+
+    yield make
+    for fs in made:
+        fs.close()
+
+
+@pytest.fixture
+def fs(make_fs: Callable[..., BucketFS]) -> BucketFS:
+    return make_fs()
+
+
+def _errno(exc_info: pytest.ExceptionInfo[FsError]) -> int:
+    return exc_info.value.errno
+
+
+# -- metadata ----------------------------------------------------------------
+
+
+def test_getattr_root_and_dirs(fs: BucketFS) -> None:
+    for path in ("/", "", "/data", "/data/nested", "/marker"):
+        st = fs.getattr(path)
+        assert st["st_mode"] == stat.S_IFDIR | 0o555, path
+        assert stat.S_ISDIR(int(st["st_mode"]))
+        assert st["st_size"] == 0
+        assert st["st_nlink"] == 2
+        assert st["st_uid"] == 1234 and st["st_gid"] == 5678
+
+
+def test_getattr_files(fs: BucketFS) -> None:
+    st = fs.getattr("/data/big.bin")
+    assert st["st_mode"] == stat.S_IFREG | 0o444
+    assert stat.S_IMODE(int(st["st_mode"])) == 0o444
+    assert st["st_size"] == 5 * PART + 17
+    assert st["st_nlink"] == 1
+    assert st["st_uid"] == 1234 and st["st_gid"] == 5678
+    assert st["st_mtime"] == int(MTIME * 1e9)  # nanoseconds (the adapter uses use_ns)
+    assert st["st_blocks"] == (5 * PART + 17 + 511) // 512
+    assert fs.getattr("/readme.txt")["st_size"] == len(OBJECTS["readme.txt"])
+    assert fs.getattr("/data/empty")["st_size"] == 0
+
+
+def test_getattr_custom_modes(make_fs: Callable[..., BucketFS]) -> None:
+    fs = make_fs(file_mode=0o400, dir_mode=0o500, uid=0, gid=0)
+    assert fs.getattr("/readme.txt")["st_mode"] == stat.S_IFREG | 0o400
+    assert fs.getattr("/data")["st_mode"] == stat.S_IFDIR | 0o500
+    assert fs.getattr("/data")["st_uid"] == 0
+
+
+def test_default_owner_is_current_user(make_fs: Callable[..., BucketFS]) -> None:
+    fs = make_fs(uid=os.getuid(), gid=os.getgid())
+    st = fs.getattr("/readme.txt")
+    assert st["st_uid"] == os.getuid() and st["st_gid"] == os.getgid()
+    assert MountOptions().uid == os.getuid()
+
+
+@pytest.mark.parametrize("path", ["/nope", "/data/nope", "/readme.txt/x", "/nope/deeper"])
+def test_getattr_missing_is_enoent(fs: BucketFS, path: str) -> None:
+    with pytest.raises(FsError) as info:
+        fs.getattr(path)
+    assert _errno(info) == errno.ENOENT
+
+
+def test_readdir(fs: BucketFS) -> None:
+    assert sorted(fs.readdir("/")) == sorted([".", "..", "readme.txt", "data", "marker"])
+    assert fs.readdir("/")[:2] == [".", ".."]
+    assert sorted(fs.readdir("/data")) == sorted([".", "..", "big.bin", "nested", "empty"])
+    assert fs.readdir("/marker") == [".", ".."]
+
+
+def test_readdir_errors(fs: BucketFS) -> None:
+    with pytest.raises(FsError) as info:
+        fs.readdir("/readme.txt")
+    assert _errno(info) == errno.ENOTDIR
+    with pytest.raises(FsError) as info:
+        fs.readdir("/nope")
+    assert _errno(info) == errno.ENOENT
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (AccessDeniedError("denied", status=403), errno.EACCES),
+        (NoSuchBucketError("no bucket", status=404), errno.ENOENT),
+        (StoreUnavailableError("down", status=503), errno.EIO),
+    ],
+)
+def test_listing_errors_map_to_errno(
+    fs: BucketFS, client: FakeStoreClient, error: Exception, code: int
+) -> None:
+    client.list_error = error
+    with pytest.raises(FsError) as info:
+        fs.getattr("/readme.txt")
+    assert _errno(info) == code
+    with pytest.raises(FsError) as info:
+        fs.readdir("/")
+    assert _errno(info) == code
+
+
+def test_prefix_mount(make_fs: Callable[..., BucketFS], client: FakeStoreClient) -> None:
+    fs = make_fs(prefix="data")
+    assert sorted(fs.readdir("/")) == sorted([".", "..", "big.bin", "nested", "empty"])
+    assert fs.getattr("/nested/deep.bin")["st_size"] == 2 * PART
+    fh = fs.open("/nested/deep.bin", os.O_RDONLY)
+    assert fs.read(fh, 4 * PART, 0) == OBJECTS["data/nested/deep.bin"]
+    assert {call[0] for call in client.get_calls} == {"data/nested/deep.bin"}
+
+
+def test_statfs(fs: BucketFS) -> None:
+    st = fs.statfs()
+    assert st["f_namemax"] == 255
+    assert st["f_bsize"] > 0
+
+
+# -- open / read / release -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        os.O_WRONLY,
+        os.O_RDWR,
+        os.O_RDONLY | os.O_TRUNC,
+        os.O_RDONLY | os.O_APPEND,
+        os.O_WRONLY | os.O_CREAT,
+    ],
+)
+def test_open_for_writing_is_erofs(fs: BucketFS, client: FakeStoreClient, flags: int) -> None:
+    with pytest.raises(FsError) as info:
+        fs.open("/readme.txt", flags)
+    assert _errno(info) == errno.EROFS
+    assert isinstance(info.value, OSError)
+    assert client.get_calls == []
+
+
+def test_open_errors(fs: BucketFS) -> None:
+    with pytest.raises(FsError) as info:
+        fs.open("/nope", os.O_RDONLY)
+    assert _errno(info) == errno.ENOENT
+    with pytest.raises(FsError) as info:
+        fs.open("/data", os.O_RDONLY)
+    assert _errno(info) == errno.EISDIR
+
+
+def test_read_whole_file_and_across_boundaries(fs: BucketFS, client: FakeStoreClient) -> None:
+    data = OBJECTS["data/big.bin"]
+    fh = fs.open("/data/big.bin", os.O_RDONLY)
+    assert fs.read(fh, PART + 20, PART - 10) == data[PART - 10 : 2 * PART + 10]
+    assert fs.read(fh, 10 * PART, 0) == data
+    assert fs.read(fh, 100, 5 * PART + 10) == data[5 * PART + 10 :]
+    assert fs.read(fh, 100, len(data)) == b""
+    assert fs.read(fh, 100, len(data) + 1000) == b""
+    fs.release(fh)
+    # Every request pinned to the listed ETag, and each part fetched once.
+    assert {call[3] for call in client.get_calls} == {client.etags["data/big.bin"]}
+    starts = sorted(call[1] for call in client.get_calls)
+    assert starts == [n * PART for n in range(6)]
+
+
+def test_read_in_small_sequential_chunks(fs: BucketFS) -> None:
+    data = OBJECTS["data/big.bin"]
+    fh = fs.open("/data/big.bin", os.O_RDONLY)
+    out = bytearray()
+    while chunk := fs.read(fh, 333, len(out)):
+        out += chunk
+    assert bytes(out) == data
+    fs.release(fh)
+
+
+def test_read_empty_file(fs: BucketFS, client: FakeStoreClient) -> None:
+    fh = fs.open("/data/empty", os.O_RDONLY)
+    assert fs.read(fh, 4096, 0) == b""
+    assert client.get_calls == []
+
+
+def test_second_open_reads_from_cache(fs: BucketFS, client: FakeStoreClient) -> None:
+    data = OBJECTS["data/nested/deep.bin"]
+    fh = fs.open("/data/nested/deep.bin", os.O_RDONLY)
+    assert fs.read(fh, 2 * PART, 0) == data
+    fs.release(fh)
+    calls = len(client.get_calls)
+    fh2 = fs.open("/data/nested/deep.bin", os.O_RDONLY)
+    assert fh2 != fh
+    assert fs.read(fh2, 2 * PART, 0) == data
+    assert len(client.get_calls) == calls
+
+
+def test_open_without_listed_etag_uses_head(
+    make_fs: Callable[..., BucketFS], client: FakeStoreClient
+) -> None:
+    client.hide_etags = True
+    fs = make_fs()
+    fh = fs.open("/readme.txt", os.O_RDONLY)
+    assert client.head_calls == ["readme.txt"]
+    assert fs.read(fh, 100, 0) == OBJECTS["readme.txt"]
+    assert client.get_calls[0][3] == client.etags["readme.txt"]
+
+
+def test_open_notes_the_version_in_the_cache(fs: BucketFS, client: FakeStoreClient) -> None:
+    fh = fs.open("/data/big.bin", os.O_RDONLY)
+    fs.read(fh, PART, 0)
+    oid = object_id("s3+http://fake", BUCKET, "data/big.bin", client.etags["data/big.bin"])
+    assert fs.cache.has(fs._open[fh].ref.part_id(0))
+    assert fs._open[fh].ref.object_id == oid
+
+
+def test_read_after_object_changed_is_eio(fs: BucketFS, client: FakeStoreClient) -> None:
+    fh = fs.open("/data/big.bin", os.O_RDONLY)
+    data = OBJECTS["data/big.bin"]
+    assert fs.read(fh, 100, 0) == data[:100]
+    fs.readdir("/data")  # listing now cached
+    lists_before = len(client.list_calls)
+    client.replace("data/big.bin", _payload(5 * PART + 17, seed=99))
+    with pytest.raises(FsError) as info:
+        fs.read(fh, 100, 4 * PART + 5)  # a part not fetched yet
+    assert _errno(info) == errno.EIO
+    # Never the new version's bytes under the old handle.
+    with pytest.raises(FsError):
+        fs.read(fh, 100, 4 * PART + 5)
+    # The parent listing was invalidated, so the change is seen.
+    fs.readdir("/data")
+    assert len(client.list_calls) > lists_before
+    fs.release(fh)
+    # A fresh open pins the new version.
+    fh2 = fs.open("/data/big.bin", os.O_RDONLY)
+    assert fs.read(fh2, 100, 4 * PART + 5) == client.objects["data/big.bin"][4 * PART + 5 :][:100]
+
+
+def test_store_errors_during_read_are_eio(fs: BucketFS, client: FakeStoreClient) -> None:
+    fh = fs.open("/readme.txt", os.O_RDONLY)
+    client.get_error = StoreUnavailableError("store down", status=503)
+    with pytest.raises(FsError) as info:
+        fs.read(fh, 10, 0)
+    assert _errno(info) == errno.EIO
+
+
+def test_release_and_bad_handles(fs: BucketFS) -> None:
+    fh = fs.open("/readme.txt", os.O_RDONLY)
+    assert fs.read(fh, 5, 0) == b"hello"
+    fs.release(fh)
+    with pytest.raises(FsError) as info:
+        fs.read(fh, 5, 0)
+    assert _errno(info) == errno.EBADF
+    fs.release(fh)  # releasing twice is harmless
+    with pytest.raises(FsError) as info:
+        fs.read(999_999, 5, 0)
+    assert _errno(info) == errno.EBADF
+
+
+def test_handles_are_independent(fs: BucketFS) -> None:
+    a = fs.open("/readme.txt", os.O_RDONLY)
+    b = fs.open("/data/nested/deep.bin", os.O_RDONLY)
+    assert a != b
+    assert fs.read(b, 10, 0) == OBJECTS["data/nested/deep.bin"][:10]
+    assert fs.read(a, 5, 7) == b"bucke"
+    fs.release(a)
+    assert fs.read(b, 10, 10) == OBJECTS["data/nested/deep.bin"][10:20]
+
+
+def test_close_closes_client(make_fs: Callable[..., BucketFS], client: FakeStoreClient) -> None:
+    fs = make_fs()
+    fh = fs.open("/readme.txt", os.O_RDONLY)
+    fs.read(fh, 5, 0)
+    fs.close()
+    assert client.closed

@@ -1,0 +1,309 @@
+"""Namespace: the directory tree built from ListObjectsV2 pages, with a listing TTL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from ossfs_resume.client import ListPage, ObjectMeta
+from ossfs_resume.errors import AccessDeniedError
+from ossfs_resume.namespace import FOREVER, Entry, Namespace, bad_name_reason
+
+
+class FakeListClient:
+    """Lists a set of keys the way a store does: sorted, grouped by delimiter, paginated."""
+
+    def __init__(self, keys: dict[str, int] | list[str], page_size: int = 1000) -> None:
+        self.sizes = dict(keys) if isinstance(keys, dict) else {k: len(k) for k in keys}
+        self.page_size = page_size
+        self.calls: list[tuple[str, str]] = []
+        self.pages_served = 0
+        self.error: Exception | None = None
+
+    def list(self, prefix: str, delimiter: str = "/") -> Iterator[ListPage]:
+        self.calls.append((prefix, delimiter))
+        if self.error is not None:
+            raise self.error
+        entries: dict[str, bool] = {}
+        for key in sorted(self.sizes):
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix) :]
+            if delimiter and delimiter in rest:
+                entries[prefix + rest[: rest.index(delimiter) + 1]] = True
+            else:
+                entries[key] = False
+        names = sorted(entries)
+        for start in range(0, max(len(names), 1), self.page_size):
+            chunk = names[start : start + self.page_size]
+            more = start + self.page_size < len(names)
+            self.pages_served += 1
+            yield ListPage(
+                objects=[
+                    ObjectMeta(n, self.sizes[n], f"etag-{n}", 1_700_000_000.0 + len(n))
+                    for n in chunk
+                    if not entries[n]
+                ],
+                prefixes=[n for n in chunk if entries[n]],
+                next_token=f"t{start + self.page_size}" if more else None,
+            )
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _ns(client: FakeListClient, prefix: str = "", **kwargs: object) -> Namespace:
+    return Namespace(client, prefix, **kwargs)  # type: ignore[arg-type]
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_root_listing_files_and_implicit_dirs() -> None:
+    client = FakeListClient({"a.txt": 5, "b/c.txt": 7, "b/d/e.txt": 9, "z": 1})
+    ns = _ns(client)
+    entries = ns.listdir("")
+    assert set(entries) == {"a.txt", "b", "z"}
+    assert entries["a.txt"] == Entry(
+        name="a.txt", is_dir=False, key="a.txt", size=5, mtime=1_700_000_005.0, etag="etag-a.txt"
+    )
+    assert entries["b"] == Entry(name="b", is_dir=True, key="b/")
+    assert client.calls == [("", "/")]
+    sub = ns.listdir("b")
+    assert set(sub) == {"c.txt", "d"}
+    assert sub["c.txt"].key == "b/c.txt" and sub["c.txt"].size == 7
+    assert sub["d"].is_dir and sub["d"].key == "b/d/"
+    assert client.calls[-1] == ("b/", "/")
+    assert ns.listdir("/b/d/") == {
+        "e.txt": Entry("e.txt", False, "b/d/e.txt", 9, 1_700_000_009.0, "etag-b/d/e.txt")
+    }
+
+
+def test_marker_object_is_a_directory_not_a_file(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    client = FakeListClient({"dir/": 0, "empty/": 0, "dir/f": 3})
+    ns = _ns(client)
+    root = ns.listdir("")
+    assert root["dir"].is_dir and root["empty"].is_dir
+    # Inside, the marker (key == the listed prefix) is not an entry.
+    assert set(ns.listdir("dir")) == {"f"}
+    assert ns.listdir("empty") == {}
+    assert ns.lookup("empty") == Entry("empty", True, "empty/")
+    assert _warnings(caplog) == []  # a marker is normal, not a bad key
+
+
+def test_missing_directory_is_empty() -> None:
+    ns = _ns(FakeListClient(["a"]))
+    assert ns.listdir("nope") == {}
+    assert ns.lookup("nope") is None
+    assert ns.lookup("nope/deeper") is None
+
+
+def test_empty_segment_skipped_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    client = FakeListClient(["a//b", "a/ok", "/lead"])
+    ns = _ns(client, list_ttl=0)
+    assert set(ns.listdir("")) == {"a"}  # "/lead" gives an empty name at the root
+    assert set(ns.listdir("a")) == {"ok"}
+    assert set(ns.listdir("a")) == {"ok"}  # listed again (TTL 0): no second warning
+    assert set(ns.listdir("")) == {"a"}
+    warnings = _warnings(caplog)
+    assert len([w for w in warnings if "'a//'" in w]) == 1
+    assert len([w for w in warnings if "'/'" in w]) == 1
+    assert all("empty path segment" in w for w in warnings)
+    assert len(warnings) == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("d/.", "'.'"),
+        ("d/..", "'..'"),
+        ("d/./x", "'.'"),
+        ("d/../x", "'..'"),
+        ("d/nul\0byte", "NUL"),
+        ("d/" + "n" * 256, "255"),
+        ("d/" + "é" * 128, "255"),  # 128 characters but 256 bytes
+    ],
+)
+def test_bad_names_skipped(caplog: pytest.LogCaptureFixture, key: str, reason: str) -> None:
+    caplog.set_level(logging.WARNING)
+    client = FakeListClient([key, "d/good"])
+    ns = _ns(client)
+    assert set(ns.listdir("d")) == {"good"}
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1
+    assert reason in warnings[0]
+
+
+def test_longest_allowed_names_are_kept() -> None:
+    ascii_name = "n" * 255
+    wide_name = "é" * 127 + "x"  # 255 bytes
+    ns = _ns(FakeListClient([f"d/{ascii_name}", f"d/{wide_name}", f"{ascii_name}/f"]))
+    assert set(ns.listdir("d")) == {ascii_name, wide_name}
+    assert ns.lookup(f"{ascii_name}/f") is not None
+
+
+def test_bad_name_reason() -> None:
+    assert bad_name_reason("ok.txt") is None
+    assert bad_name_reason("with space") is None
+    assert bad_name_reason("...") is None
+    assert bad_name_reason(".hidden") is None
+    assert bad_name_reason("") is not None
+    assert bad_name_reason(".") is not None
+    assert bad_name_reason("..") is not None
+    assert bad_name_reason("a\0") is not None
+    assert bad_name_reason("x" * 256) is not None
+    assert bad_name_reason("x" * 255) is None
+
+
+def test_file_prefix_clash_directory_wins(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    client = FakeListClient({"x": 10, "x/inner": 3, "y": 1})
+    ns = _ns(client, list_ttl=0)
+    entries = ns.listdir("")
+    assert entries["x"] == Entry("x", True, "x/")
+    assert not entries["y"].is_dir
+    assert set(ns.listdir("x")) == {"inner"}
+    ns.listdir("")
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1
+    assert "'x'" in warnings[0] and "directory" in warnings[0]
+    assert ns.lookup("x/inner") is not None
+
+
+def test_clash_across_pages(caplog: pytest.LogCaptureFixture) -> None:
+    # "x" and "x/" arrive on different pages.
+    caplog.set_level(logging.WARNING)
+    client = FakeListClient(["w", "x", "x/inner"], page_size=2)
+    ns = _ns(client)
+    entries = ns.listdir("")
+    assert client.pages_served == 2
+    assert entries["x"].is_dir
+    assert len(_warnings(caplog)) == 1
+
+
+def test_listing_pagination_merges_pages() -> None:
+    keys = [f"d/file{i:03d}" for i in range(25)] + [f"d/sub{i}/f" for i in range(5)]
+    client = FakeListClient(keys, page_size=4)
+    ns = _ns(client)
+    entries = ns.listdir("d")
+    assert client.pages_served == 8  # 30 entries, 4 per page
+    assert len(client.calls) == 1
+    assert set(entries) == {f"file{i:03d}" for i in range(25)} | {f"sub{i}" for i in range(5)}
+    assert sum(e.is_dir for e in entries.values()) == 5
+
+
+def test_ttl_caches_then_expires() -> None:
+    clock = FakeClock()
+    client = FakeListClient(["a", "d/b"])
+    ns = _ns(client, list_ttl=10.0, clock=clock)
+    ns.listdir("")
+    ns.listdir("/")
+    ns.lookup("a")
+    clock.now += 9.9
+    ns.listdir("")
+    assert client.calls == [("", "/")]
+    clock.now += 0.2
+    ns.listdir("")
+    assert client.calls == [("", "/"), ("", "/")]
+    ns.listdir("")
+    assert len(client.calls) == 2
+
+
+def test_ttl_sees_new_keys_after_expiry() -> None:
+    clock = FakeClock()
+    client = FakeListClient(["a"])
+    ns = _ns(client, list_ttl=5.0, clock=clock)
+    assert set(ns.listdir("")) == {"a"}
+    client.sizes["new"] = 3
+    assert set(ns.listdir("")) == {"a"}  # cached
+    clock.now += 6
+    assert set(ns.listdir("")) == {"a", "new"}
+
+
+def test_ttl_zero_lists_every_time() -> None:
+    client = FakeListClient(["a", "d/b"])
+    ns = _ns(client, list_ttl=0)
+    for _ in range(3):
+        ns.listdir("")
+    assert client.calls == [("", "/")] * 3
+
+
+def test_ttl_forever_never_relists() -> None:
+    clock = FakeClock()
+    client = FakeListClient(["a"])
+    ns = _ns(client, list_ttl=FOREVER, clock=clock)
+    ns.listdir("")
+    clock.now += 1e9
+    ns.listdir("")
+    assert len(client.calls) == 1
+
+
+def test_invalidate() -> None:
+    client = FakeListClient(["a", "d/b"])
+    ns = _ns(client, list_ttl=100.0)
+    ns.listdir("")
+    ns.listdir("d")
+    ns.invalidate("/d/")
+    ns.listdir("")
+    ns.listdir("d")
+    assert client.calls == [("", "/"), ("d/", "/"), ("d/", "/")]
+    ns.invalidate()
+    ns.listdir("")
+    ns.listdir("d")
+    assert len(client.calls) == 5
+
+
+@pytest.mark.parametrize("prefix", ["data", "data/"])
+def test_prefix_mount(prefix: str) -> None:
+    client = FakeListClient(["data/a.txt", "data/sub/b.txt", "database/x", "other/y"])
+    ns = _ns(client, prefix)
+    assert ns.prefix == "data/"
+    root = ns.listdir("")
+    assert set(root) == {"a.txt", "sub"}
+    assert root["a.txt"].key == "data/a.txt"
+    assert root["sub"].key == "data/sub/"
+    assert client.calls == [("data/", "/")]
+    assert set(ns.listdir("sub")) == {"b.txt"}
+    assert client.calls[-1] == ("data/sub/", "/")
+    entry = ns.lookup("sub/b.txt")
+    assert entry is not None and entry.key == "data/sub/b.txt"
+    assert ns.lookup("") == Entry("", True, "data/")
+    assert ns.key_for("/sub/b.txt") == "data/sub/b.txt"
+    assert ns.lookup("x") is None  # "database/x" is not under the mount
+
+
+def test_lookup_nested_paths() -> None:
+    client = FakeListClient({"a/b/c/d.txt": 42, "a/b/e": 1, "top": 2})
+    ns = _ns(client)
+    entry = ns.lookup("a/b/c/d.txt")
+    assert entry is not None
+    assert entry.key == "a/b/c/d.txt" and entry.size == 42 and not entry.is_dir
+    assert ns.lookup("/a/b/c/d.txt/") == entry
+    assert ns.lookup("a/b/c") == Entry("c", True, "a/b/c/")
+    assert ns.lookup("a/b/nope") is None
+    assert ns.lookup("") == Entry("", True, "")
+    # A path through a file does not exist.
+    assert ns.lookup("top/x") is None
+    assert ns.lookup("a/b/e/x") is None
+    # Each directory was listed once.
+    assert sorted(client.calls) == [("", "/"), ("a/", "/"), ("a/b/", "/"), ("a/b/c/", "/")]
+
+
+def test_list_errors_propagate_and_are_not_cached() -> None:
+    client = FakeListClient(["a"])
+    client.error = AccessDeniedError("denied", status=403)
+    ns = _ns(client)
+    with pytest.raises(AccessDeniedError):
+        ns.listdir("")
+    client.error = None
+    assert set(ns.listdir("")) == {"a"}

@@ -1,0 +1,482 @@
+"""PartFetcher and ObjectReader with a fake client and a real PartCache on disk."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ossfs_resume.cache import PartCache, object_id
+from ossfs_resume.client import ObjectMeta
+from ossfs_resume.errors import PreconditionFailedError, StoreUnavailableError
+from ossfs_resume.reader import ObjectReader, ObjectRef, PartFetcher
+
+PART = 1000
+ETAG = "etag-v1"
+KEY = "dir/object.bin"
+
+
+#: Every test here takes well under a second; a hang (a deadlock, a read that
+#: never returns) becomes a failure after this long instead of stalling the run.
+WATCHDOG_SECONDS = 10.0
+
+
+@pytest.fixture(autouse=True)
+def _watchdog() -> Iterator[None]:
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"test still running after {WATCHDOG_SECONDS} s: a deadlock or hang")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, WATCHDOG_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _payload(size: int) -> bytes:
+    return bytes((i * 13 + (i >> 8) * 5) % 256 for i in range(size))
+
+
+@dataclass(frozen=True)
+class Call:
+    key: str
+    start: int
+    end: int
+    if_match: str | None
+
+
+class FakeClient:
+    """Serves one object's bytes; records calls; can be slowed, blocked or made to fail."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.calls: list[Call] = []
+        self.delay = 0.0
+        self.gate: threading.Event | None = None  # when set: calls wait for it
+        self.error: Exception | None = None
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+
+    def get_range(
+        self,
+        key: str,
+        start: int,
+        end: int,
+        *,
+        if_match: str | None = None,
+        into: bytearray | memoryview | None = None,
+    ) -> bytearray | memoryview:
+        with self._lock:
+            self.calls.append(Call(key, start, end, if_match))
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.gate is not None:
+                assert self.gate.wait(10), "test gate never opened"
+            if self.delay:
+                time.sleep(self.delay)
+            if self.error is not None:
+                raise self.error
+            chunk = self.data[start : end + 1]
+            buf = bytearray(len(chunk)) if into is None else into
+            buf[: len(chunk)] = chunk
+            return buf
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def parts_fetched(self) -> list[int]:
+        with self._lock:
+            return sorted(c.start // PART for c in self.calls)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[PartCache]:
+    c = PartCache(tmp_path / "cache")
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _ref(size: int, etag: str = ETAG) -> ObjectRef:
+    meta = ObjectMeta(KEY, size, etag, 1_700_000_000.0)
+    return ObjectRef(meta, object_id("s3+http://fake", "bkt", KEY, etag), PART)
+
+
+@pytest.fixture
+def make_fetcher(cache: PartCache) -> Iterator[Callable[..., PartFetcher]]:
+    fetchers: list[PartFetcher] = []
+
+    def make(client: FakeClient, **kwargs: Any) -> PartFetcher:
+        fetcher = PartFetcher(client, cache, **kwargs)  # type: ignore[arg-type]
+        fetchers.append(fetcher)
+        return fetcher
+
+    yield make
+    for fetcher in fetchers:
+        fetcher.shutdown()
+
+
+def _wait_idle(fetcher: PartFetcher, timeout: float = 5.0) -> None:
+    """Wait until no fetch is in flight (read-ahead included)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with fetcher._lock:
+            if not fetcher._inflight:
+                assert fetcher._inflight_bytes == 0
+                return
+        time.sleep(0.005)
+    raise AssertionError("fetches still in flight")
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.005)
+
+
+# -- PartFetcher -------------------------------------------------------------
+
+
+def test_concurrent_readers_of_one_part_share_one_fetch(
+    make_fetcher: Callable[..., PartFetcher],
+) -> None:
+    data = _payload(5 * PART)
+    client = FakeClient(data)
+    client.delay = 0.2
+    fetcher = make_fetcher(client)
+    ref = _ref(len(data))
+    barrier = threading.Barrier(8)
+    results: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = fetcher.read(ref, 2, i * 10, 100)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert len(client.calls) == 1
+    assert client.calls[0] == Call(KEY, 2 * PART, 3 * PART - 1, ETAG)
+    for i in range(8):
+        assert results[i] == data[2 * PART + i * 10 : 2 * PART + i * 10 + 100]
+    _wait_idle(fetcher)
+
+
+def test_fetched_part_is_cached(make_fetcher: Callable[..., PartFetcher], cache: PartCache) -> None:
+    data = _payload(3 * PART)
+    client = FakeClient(data)
+    fetcher = make_fetcher(client)
+    ref = _ref(len(data))
+    assert fetcher.read(ref, 1, 0, PART) == data[PART : 2 * PART]
+    assert cache.has(ref.part_id(1))
+    # Served from the cache: no second request.
+    assert fetcher.read(ref, 1, 10, 20) == data[PART + 10 : PART + 30]
+    assert len(client.calls) == 1
+
+
+def test_short_last_part(make_fetcher: Callable[..., PartFetcher]) -> None:
+    data = _payload(2 * PART + 123)
+    client = FakeClient(data)
+    fetcher = make_fetcher(client)
+    ref = _ref(len(data))
+    assert fetcher.read(ref, 2, 0, PART) == data[2 * PART :]
+    assert client.calls == [Call(KEY, 2 * PART, 2 * PART + 122, ETAG)]
+
+
+def test_precondition_failed_propagates_and_caches_nothing(
+    make_fetcher: Callable[..., PartFetcher], cache: PartCache
+) -> None:
+    data = _payload(3 * PART)
+    client = FakeClient(data)
+    client.error = PreconditionFailedError("changed", status=412, key=KEY)
+    fetcher = make_fetcher(client)
+    ref = _ref(len(data))
+    with pytest.raises(PreconditionFailedError):
+        fetcher.read(ref, 0, 0, 10)
+    assert not cache.has(ref.part_id(0))
+    _wait_idle(fetcher)
+    # Not stuck in flight: the next read tries again.
+    client.error = None
+    assert fetcher.read(ref, 0, 0, 10) == data[:10]
+    assert len(client.calls) == 2
+
+
+def test_prefetch_respects_byte_budget(make_fetcher: Callable[..., PartFetcher]) -> None:
+    data = _payload(20 * PART)
+    client = FakeClient(data)
+    client.gate = threading.Event()
+    fetcher = make_fetcher(client, max_parallel=8, max_inflight_bytes=3 * PART)
+    ref = _ref(len(data))
+    try:
+        assert fetcher.prefetch(ref, range(0, 10)) == 3
+        _wait_for(lambda: client.active == 3)
+        time.sleep(0.05)  # give any extra fetch the chance to show up
+        assert client.active == 3
+        # Budget used up: nothing more is scheduled, even for other parts.
+        assert fetcher.prefetch(ref, range(3, 10)) == 0
+        # Parts already in flight are not scheduled twice.
+        assert fetcher.prefetch(ref, range(0, 3)) == 0
+    finally:
+        client.gate.set()
+    _wait_idle(fetcher)
+    assert client.max_active == 3
+    assert client.parts_fetched() == [0, 1, 2]
+    # Budget is free again; cached parts are skipped.
+    assert fetcher.prefetch(ref, range(0, 5)) == 2
+    _wait_idle(fetcher)
+    assert client.parts_fetched() == [0, 1, 2, 3, 4]
+
+
+def test_prefetch_stops_at_end_of_object(make_fetcher: Callable[..., PartFetcher]) -> None:
+    data = _payload(2 * PART + 1)
+    client = FakeClient(data)
+    fetcher = make_fetcher(client)
+    ref = _ref(len(data))
+    assert fetcher.prefetch(ref, range(1, 10)) == 2
+    _wait_idle(fetcher)
+    assert client.parts_fetched() == [1, 2]
+
+
+def test_reader_waits_for_inflight_readahead(make_fetcher: Callable[..., PartFetcher]) -> None:
+    data = _payload(4 * PART)
+    client = FakeClient(data)
+    client.gate = threading.Event()
+    fetcher = make_fetcher(client)
+    ref = _ref(len(data))
+    assert fetcher.prefetch(ref, [1]) == 1
+    _wait_for(lambda: client.active == 1)
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(fetcher.read(ref, 1, 5, 10)))
+    reader.start()
+    time.sleep(0.05)
+    assert not result  # waiting on the in-flight read-ahead, not fetching again
+    client.gate.set()
+    reader.join(5)
+    assert result == [data[PART + 5 : PART + 15]]
+    assert len(client.calls) == 1
+
+
+def test_shutdown_does_not_strand_waiting_readers(cache: PartCache) -> None:
+    data = _payload(4 * PART)
+    client = FakeClient(data)
+    client.gate = threading.Event()
+    fetcher = PartFetcher(client, cache, max_parallel=1)  # type: ignore[arg-type]
+    ref = _ref(len(data))
+    assert fetcher.prefetch(ref, [0, 1]) == 2  # part 1 queued behind part 0
+    _wait_for(lambda: client.active == 1)
+    outcome: list[object] = []
+
+    def read_part_1() -> None:
+        try:
+            outcome.append(fetcher.read(ref, 1, 0, 10))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read_part_1, daemon=True)
+    reader.start()
+    time.sleep(0.05)
+    stopper = threading.Thread(target=fetcher.shutdown, daemon=True)
+    stopper.start()
+    time.sleep(0.05)
+    client.gate.set()
+    stopper.join(5)
+    reader.join(1)
+    finished = not reader.is_alive()
+    if not finished:  # unblock the stranded reader so the thread does not linger
+        with fetcher._lock:
+            stranded = list(fetcher._inflight.values())
+        for future in stranded:
+            if not future.done():
+                future.set_exception(RuntimeError("stranded"))
+        reader.join(2)
+    assert finished, "reader still waiting on a cancelled read-ahead"
+
+
+# -- ObjectReader --------------------------------------------------------------
+
+
+def _setup_reader(
+    make_fetcher: Callable[..., PartFetcher],
+    parts: int,
+    *,
+    max_readahead_parts: int = 8,
+    tail: int = 0,
+    **fetcher_kwargs: Any,
+) -> tuple[FakeClient, PartFetcher, ObjectReader, bytes]:
+    data = _payload(parts * PART + tail)
+    client = FakeClient(data)
+    fetcher = make_fetcher(client, **fetcher_kwargs)
+    reader = ObjectReader(fetcher, _ref(len(data)), max_readahead_parts=max_readahead_parts)
+    return client, fetcher, reader, data
+
+
+@pytest.mark.parametrize(
+    ("max_parts", "highest_after_each_read"),
+    [
+        # window 1, 2, 4, 8, 8, ...: part i read -> parts up to i + window scheduled
+        (8, [1, 3, 6, 11, 12, 13]),
+        # window capped at 4
+        (4, [1, 3, 6, 7, 8, 9]),
+        # window capped at 2
+        (2, [1, 3, 4, 5, 6, 7]),
+    ],
+)
+def test_sequential_reads_grow_readahead_window(
+    make_fetcher: Callable[..., PartFetcher], max_parts: int, highest_after_each_read: list[int]
+) -> None:
+    client, fetcher, reader, data = _setup_reader(make_fetcher, 40, max_readahead_parts=max_parts)
+    for i, highest in enumerate(highest_after_each_read):
+        assert reader.read(i * PART, PART) == data[i * PART : (i + 1) * PART]
+        _wait_idle(fetcher)
+        # Every part up to the window's edge fetched exactly once, nothing beyond.
+        assert client.parts_fetched() == list(range(highest + 1)), f"after read {i}"
+
+
+def test_sequential_small_reads_within_a_part(make_fetcher: Callable[..., PartFetcher]) -> None:
+    client, fetcher, reader, data = _setup_reader(make_fetcher, 40, max_readahead_parts=8)
+    # Many 100-byte reads in part 0: the window does not grow while in the same part.
+    for offset in range(0, PART, 100):
+        assert reader.read(offset, 100) == data[offset : offset + 100]
+    _wait_idle(fetcher)
+    assert client.parts_fetched() == [0, 1]
+
+
+def test_sequential_read_of_whole_object(make_fetcher: Callable[..., PartFetcher]) -> None:
+    client, fetcher, reader, data = _setup_reader(make_fetcher, 30, tail=321, max_readahead_parts=8)
+    out = bytearray()
+    offset = 0
+    while True:
+        chunk = reader.read(offset, 700)  # not aligned with the parts
+        if not chunk:
+            break
+        out += chunk
+        offset += len(chunk)
+    assert bytes(out) == data
+    _wait_idle(fetcher)
+    assert client.parts_fetched() == list(range(31))  # each part once, none past the end
+
+
+def test_random_reads_do_not_read_ahead(make_fetcher: Callable[..., PartFetcher]) -> None:
+    client, fetcher, reader, data = _setup_reader(make_fetcher, 40, max_readahead_parts=8)
+    offsets = [17_500, 3_200, 30_100, 9_900, 25_000, 38_950, 12_000, 21_000]
+    touched: set[int] = set()
+    for offset in offsets:
+        assert reader.read(offset, 100) == data[offset : offset + 100]
+        touched.update({offset // PART, (offset + 99) // PART})
+        _wait_idle(fetcher)
+        assert client.parts_fetched() == sorted(touched)
+    assert len(client.calls) == len(touched) == 9  # 38_950 straddles parts 38 and 39
+
+
+def test_readahead_stops_at_end_of_object(make_fetcher: Callable[..., PartFetcher]) -> None:
+    client, fetcher, reader, data = _setup_reader(make_fetcher, 3, max_readahead_parts=8)
+    for i in range(3):
+        assert reader.read(i * PART, PART) == data[i * PART : (i + 1) * PART]
+    _wait_idle(fetcher)
+    assert client.parts_fetched() == [0, 1, 2]
+
+
+def test_reads_at_and_past_end(make_fetcher: Callable[..., PartFetcher]) -> None:
+    _client, fetcher, reader, data = _setup_reader(make_fetcher, 2, tail=50)
+    size = len(data)
+    assert reader.read(size, 10) == b""
+    assert reader.read(size + 5000, 10) == b""
+    assert reader.read(size - 20, 1000) == data[-20:]
+    assert reader.read(0, 0) == b""
+    _wait_idle(fetcher)
+
+
+def test_read_across_part_boundaries(make_fetcher: Callable[..., PartFetcher]) -> None:
+    client, _fetcher, reader, data = _setup_reader(make_fetcher, 6, max_readahead_parts=0)
+    assert reader.read(PART - 10, 2 * PART + 20) == data[PART - 10 : 3 * PART + 10]
+    assert client.parts_fetched() == [0, 1, 2, 3]
+    assert reader.read(0, 6 * PART) == data
+    assert len(client.calls) == 6
+
+
+def test_readahead_in_flight_is_bounded_by_budget(
+    make_fetcher: Callable[..., PartFetcher],
+) -> None:
+    client, fetcher, reader, data = _setup_reader(
+        make_fetcher, 40, max_readahead_parts=16, max_parallel=16, max_inflight_bytes=3 * PART
+    )
+    client.delay = 0.02
+    for i in range(12):
+        assert reader.read(i * PART, PART) == data[i * PART : (i + 1) * PART]
+    _wait_idle(fetcher)
+    # Read-ahead never takes in-flight bytes past the budget; the reader's own
+    # fetch of a part that was not scheduled may add one more.
+    assert client.max_active <= 4
+    assert sorted(set(client.parts_fetched())) == client.parts_fetched()  # no part twice
+
+
+def test_readahead_failure_reaches_the_reader(make_fetcher: Callable[..., PartFetcher]) -> None:
+    client, fetcher, reader, data = _setup_reader(make_fetcher, 10, max_readahead_parts=4)
+    assert reader.read(0, PART) == data[:PART]
+    _wait_idle(fetcher)
+    client.error = PreconditionFailedError("object changed", status=412, key=KEY)
+    with pytest.raises(PreconditionFailedError):
+        for i in range(1, 10):
+            reader.read(i * PART, PART)
+
+
+def test_precondition_failed_propagates_to_reader(
+    make_fetcher: Callable[..., PartFetcher],
+) -> None:
+    client, fetcher, reader, _data = _setup_reader(make_fetcher, 10, max_readahead_parts=4)
+    client.error = PreconditionFailedError("object changed", status=412, key=KEY)
+    with pytest.raises(PreconditionFailedError):
+        reader.read(0, 10)
+    _wait_idle(fetcher)
+
+
+def test_other_store_errors_propagate(make_fetcher: Callable[..., PartFetcher]) -> None:
+    client, _fetcher, reader, _data = _setup_reader(make_fetcher, 4, max_readahead_parts=0)
+    client.error = StoreUnavailableError("down")
+    with pytest.raises(StoreUnavailableError):
+        reader.read(PART, 10)
+
+
+def test_every_fetch_is_pinned_to_the_etag(make_fetcher: Callable[..., PartFetcher]) -> None:
+    client, fetcher, reader, _data = _setup_reader(make_fetcher, 20, max_readahead_parts=8)
+    for i in range(0, 20 * PART, 900):
+        reader.read(i, 900)
+    reader.read(5 * PART + 3, 10)
+    _wait_idle(fetcher)
+    assert client.calls
+    assert {c.if_match for c in client.calls} == {ETAG}
+    assert {c.key for c in client.calls} == {KEY}
+
+
+def test_cached_parts_need_no_requests(
+    make_fetcher: Callable[..., PartFetcher], cache: PartCache
+) -> None:
+    client, fetcher, reader, data = _setup_reader(make_fetcher, 5, max_readahead_parts=8)
+    assert reader.read(0, 5 * PART) == data
+    _wait_idle(fetcher)
+    calls = len(client.calls)
+    second = ObjectReader(fetcher, reader.ref, max_readahead_parts=8)
+    for i in range(5):
+        assert second.read(i * PART, PART) == data[i * PART : (i + 1) * PART]
+    _wait_idle(fetcher)
+    assert len(client.calls) == calls
