@@ -685,6 +685,13 @@ class _Download:
             recorded.append(number)
         if recorded:
             if self.checkpoint_path:
+                # One fdatasync per batch, before the batch is recorded: a part is
+                # never in the checkpoint before its data is durable, and workers
+                # do not serialise on syncing each other's dirty pages.
+                try:
+                    _sync_data(self._fd)
+                except OSError as exc:
+                    raise OssfsError(f"cannot sync {self.temp}: {exc.strerror or exc}") from None
                 cp.save(self.checkpoint_path)
             log.debug("%s: recorded parts %s", self.name, _numbers(recorded))
             if report:
@@ -717,7 +724,6 @@ class _Download:
         crc = crc64(view)
         try:
             _write_all(self._fd, view, start)
-            _sync_data(self._fd)
         except OSError as exc:
             raise OssfsError(
                 f"cannot write part {number} to {self.temp}: {exc.strerror or exc}"
