@@ -98,7 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--part-size", default=str(DEFAULT_PART_SIZE), help="part size, e.g. 8M (100K..5G)"
     )
-    mount.add_argument("--list-ttl", default="10", help="seconds a listing is trusted; 'never'")
+    mount.add_argument(
+        "--list-ttl",
+        "--stat-ttl",
+        dest="list_ttl",
+        default="10",
+        help="seconds a listing, and the sizes, mtimes and ETags in it, are trusted "
+        "(stats come from listings, so one TTL covers both); 0 = always revalidate; 'never'",
+    )
     mount.add_argument("--max-parallel", type=int, default=8, help="parallel part fetches")
     mount.add_argument(
         "--cache-size", help="cache size limit, e.g. 20G (default: 10%% of the cache's disk)"

@@ -381,3 +381,24 @@ def test_reopened_cache_keeps_parts(tmp_path: Path) -> None:
         assert handle is not None and handle.pread(0, PART) == data
     finally:
         reopened.close()
+
+
+def test_an_index_that_cannot_be_opened_is_moved_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = PartCache(tmp_path)
+    pid = PartId("ab" * 32, 1 << 20, 0)
+    assert first.store(pid, b"x" * 1000)
+    first.close()
+    db = tmp_path / "index" / "cache.db"
+    db.write_bytes(b"this is not a SQLite database" * 100)
+    for extra in tmp_path.joinpath("index").glob("cache.db-*"):
+        extra.unlink()
+    with caplog.at_level(logging.WARNING, logger="ossfs_resume.cache"):
+        fresh = PartCache(tmp_path)
+    assert "cannot be opened" in caplog.text
+    assert list(tmp_path.glob("index.broken-*")), "the broken index was not kept aside"
+    assert fresh.record(pid) is None  # starts empty, never serves unindexed data
+    assert fresh.store(pid, b"y" * 1000)
+    assert fresh.read(pid, 0, 3) == b"yyy"
+    fresh.close()
