@@ -44,6 +44,7 @@ import cachetools
 import diskcache
 
 from .checksum import Buffer, crc64
+from .durable import fsync_dir
 from .parts import part_count
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ class PartCache:
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             # hits=0: fetched, not yet read; reads count the windows it is used in.
             self._index_part(pid, PartRecord(len(data), crc, time.time(), 0))
             # We checksummed these very bytes: serve them without re-reading.
@@ -585,14 +586,6 @@ class PartCache:
             }
         self.index.set(row_key, json.dumps(record))
         return oid
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class UncachedParts(PartCache):

@@ -42,6 +42,7 @@ from typing import Any
 
 from .checksum import crc64, crc64_of_parts
 from .client import ObjectMeta, StoreClient
+from .durable import fsync_dir
 from .errors import (
     CheckpointError,
     ChecksumError,
@@ -253,7 +254,7 @@ class Checkpoint:
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
         except OSError as exc:
             raise CheckpointError(
                 f"cannot write checkpoint {path}: {exc.strerror or exc}"
@@ -299,20 +300,6 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
             raise OSError(f"pwrite wrote {n} bytes")
         view = view[n:]
         offset += n
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename in `path` durable; some filesystems refuse, which is not fatal."""
-    try:
-        fd = os.open(path or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sync_data(fd: int) -> None:
@@ -481,7 +468,7 @@ class _Download:
                 raise OssfsError(
                     f"cannot move {self.temp} to {self.destination}: {exc.strerror or exc}"
                 ) from None
-            _fsync_dir(os.path.dirname(self.destination))
+            fsync_dir(os.path.dirname(self.destination))
         finally:
             self._close()
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,23 +18,8 @@ BUCKET = "bkt"
 PART = 1000
 
 
-#: Every test here takes well under a second; a hang (a deadlock, a read that
-#: never returns) becomes a failure after this long instead of stalling the run.
-WATCHDOG_SECONDS = 10.0
-
-
-@pytest.fixture(autouse=True)
-def _watchdog() -> Iterator[None]:
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"test still running after {WATCHDOG_SECONDS} s: a deadlock or hang")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, WATCHDOG_SECONDS)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+# Fails a test that hangs (a deadlock) instead of stalling the run: see conftest.py.
+pytestmark = pytest.mark.usefixtures("watchdog")
 
 
 def _data(length: int, seed: int = 1) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import signal
 import socket
 import threading
 import time
@@ -51,23 +50,8 @@ SECRET = "Sup3r-Secret/Value+="
 MTIME = 1_704_164_645.0  # 2024-01-02T03:04:05Z
 
 
-#: Every test here takes well under a second; a hang (a deadlock, a read that
-#: never returns) becomes a failure after this long instead of stalling the run.
-WATCHDOG_SECONDS = 10.0
-
-
-@pytest.fixture(autouse=True)
-def _watchdog() -> Iterator[None]:
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"test still running after {WATCHDOG_SECONDS} s: a deadlock or hang")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, WATCHDOG_SECONDS)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+# Fails a test that hangs (a deadlock) instead of stalling the run: see conftest.py.
+pytestmark = pytest.mark.usefixtures("watchdog")
 
 
 def _payload(size: int, seed: int = 7) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -28,23 +27,8 @@ MTIME = 1_700_000_123.5
 BUCKET = "bkt"
 
 
-#: Every test here takes well under a second; a hang (a deadlock, a read that
-#: never returns) becomes a failure after this long instead of stalling the run.
-WATCHDOG_SECONDS = 10.0
-
-
-@pytest.fixture(autouse=True)
-def _watchdog() -> Iterator[None]:
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"test still running after {WATCHDOG_SECONDS} s: a deadlock or hang")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, WATCHDOG_SECONDS)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+# Fails a test that hangs (a deadlock) instead of stalling the run: see conftest.py.
+pytestmark = pytest.mark.usefixtures("watchdog")
 
 
 def _payload(size: int, seed: int = 0) -> bytes:

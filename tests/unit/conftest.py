@@ -1,0 +1,26 @@
+"""Fixtures shared by the unit tests."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+#: Unit tests take well under a second; a hang (a deadlock, a read that never
+#: returns) becomes a failure after this long instead of stalling the run.
+WATCHDOG_SECONDS = 10.0
+
+
+@pytest.fixture
+def watchdog() -> Iterator[None]:
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"test still running after {WATCHDOG_SECONDS} s: a deadlock or hang")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, WATCHDOG_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
