@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cachetools
+
 from .cache import PartCache
 from .client import ObjectMeta, StoreClient
 from .errors import OssfsError, PreconditionFailedError
@@ -65,6 +67,9 @@ class BucketFS:
         )
         self._lock = threading.Lock()
         self._open: dict[int, ObjectReader] = {}
+        # ETag each key had at its last open: unchanged -> the kernel may keep its page cache.
+        self._last_etag: cachetools.LRUCache[str, str] = cachetools.LRUCache(maxsize=65536)
+        self._keep: dict[int, bool] = {}
         self._fh = itertools.count(1)
         self._mounted_at = time.time()
         self._stop = threading.Event()
@@ -182,7 +187,18 @@ class BucketFS:
         with self._lock:
             fh = next(self._fh)
             self._open[fh] = reader
+            self._keep[fh] = self._last_etag.get(meta.key) == meta.etag
+            self._last_etag[meta.key] = meta.etag
         return fh
+
+    def keep_cache(self, fh: int) -> bool:
+        """True if the kernel may keep this file's page cache: same ETag as at its last open.
+
+        A changed ETag (or a first open) answers False, and the kernel then drops
+        the pages it cached for the file, so no read mixes two versions.
+        """
+        with self._lock:
+            return self._keep.get(fh, False)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         with self._lock:
@@ -233,6 +249,7 @@ class BucketFS:
     def release(self, fh: int) -> None:
         with self._lock:
             self._open.pop(fh, None)
+            self._keep.pop(fh, None)
 
 
 def _parent(key: str, prefix: str) -> str:

@@ -80,14 +80,19 @@ def run_mount(
         def readdir(self, path: str, fh: int) -> list[str]:
             return self._call(self.core.readdir, path)  # type: ignore[union-attr]
 
-        def open(self, path: str, flags: int) -> int:
-            return self._call(self.core.open, path, flags)  # type: ignore[union-attr]
+        # raw_fi: open, read and release get the fuse_file_info struct, so open
+        # can set keep_cache (page cache kept across opens of an unchanged object).
+        def open(self, path: str, fi: Any) -> int:
+            fh = self._call(self.core.open, path, fi.flags)  # type: ignore[union-attr]
+            fi.fh = fh
+            fi.keep_cache = 1 if self.core.keep_cache(fh) else 0  # type: ignore[union-attr]
+            return 0
 
-        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-            return self._call(self.core.read, fh, size, offset)  # type: ignore[union-attr]
+        def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+            return self._call(self.core.read, fi.fh, size, offset)  # type: ignore[union-attr]
 
-        def release(self, path: str, fh: int) -> int:
-            self._call(self.core.release, fh)  # type: ignore[union-attr]
+        def release(self, path: str, fi: Any) -> int:
+            self._call(self.core.release, fi.fh)  # type: ignore[union-attr]
             return 0
 
         def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
@@ -114,7 +119,7 @@ def run_mount(
     }
     adapter = Adapter()
     try:
-        fuse.FUSE(adapter, mountpoint, **options)
+        fuse.FUSE(adapter, mountpoint, raw_fi=True, **options)
     except RuntimeError:
         # libfuse reports a loop ended by SIGINT/SIGTERM as an error, but the
         # file system was destroyed and unmounted cleanly: that is a normal exit.

@@ -400,3 +400,19 @@ def test_close_closes_client(make_fs: Callable[..., BucketFS], client: FakeStore
     fs.read(fh, 5, 0)
     fs.close()
     assert client.closed
+
+
+def test_page_cache_is_kept_only_while_the_etag_is_unchanged(
+    fs: BucketFS, client: FakeStoreClient
+) -> None:
+    first = fs.open("/data/big.bin", os.O_RDONLY)
+    assert fs.keep_cache(first) is False  # first open: nothing cached to keep
+    fs.release(first)
+    second = fs.open("/data/big.bin", os.O_RDONLY)
+    assert fs.keep_cache(second) is True  # same ETag: the kernel's pages are still right
+    fs.release(second)
+    client.replace("data/big.bin", _payload(5 * PART + 17, seed=7))
+    fs.namespace.invalidate()
+    third = fs.open("/data/big.bin", os.O_RDONLY)
+    assert fs.keep_cache(third) is False  # new ETag: the kernel must drop the old pages
+    assert fs.keep_cache(999_999) is False
