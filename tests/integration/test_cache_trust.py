@@ -126,6 +126,7 @@ def test_reading_3x_the_cache_size_stays_within_the_limit_and_keeps_the_hot_file
         endpoint=proxy.endpoint,
         extra=["--part-size", "1M", "--cache-size", str(limit), "--cache-min-free", "0"],
     )
+
     def read_hot() -> bytes:
         # Unchanged objects keep their kernel page cache across opens; drop this
         # file's pages so the read reaches the part cache, as under memory pressure.
