@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument("--max-parallel", type=int, default=8, help="parallel part fetches")
     mount.add_argument(
+        "--read-ahead-kb",
+        type=int,
+        default=1024,
+        help="kernel read-ahead for the mount (needs root; 0 keeps the kernel's 128)",
+    )
+    mount.add_argument(
         "--cache-size", help="cache size limit, e.g. 20G (default: 10%% of the cache's disk)"
     )
     mount.add_argument(
@@ -252,6 +258,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             foreground=args.foreground,
             metadata_ttl=list_ttl,
             fsname=f"{url.protocol}://{url.bucket}/{prefix}",
+            read_ahead_kb=max(0, args.read_ahead_kb),
         )
     except RuntimeError as exc:
         raise OssfsError(f"mount failed: {exc}") from None

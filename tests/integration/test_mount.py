@@ -219,3 +219,16 @@ def test_cli_module_runs_as_console_script():
         [sys.executable, "-m", "ossfs_resume.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "mount" in out.stdout
+
+
+def test_the_mount_gets_1_mib_kernel_read_ahead(mounter: Mounter, tmp_path: Path):
+    mount = mounter.mount(name="with space")
+    device = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        device = f"{os.major(os.stat(mount.path).st_dev)}:{os.minor(os.stat(mount.path).st_dev)}"
+        setting = Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip()
+        if setting == "1024":
+            break
+        time.sleep(0.1)
+    assert setting == "1024", (device, setting, mount.log())
