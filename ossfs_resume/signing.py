@@ -213,6 +213,27 @@ def _get_header(headers: Mapping[str, str], name: str) -> str:
     return ""
 
 
+def _v4_signature(
+    algorithm: str,
+    key_prefix: str,
+    service: str,
+    terminator: str,
+    secret: str,
+    timestamp: str,
+    region: str,
+    canonical_request: str,
+) -> tuple[str, str]:
+    """(scope, hex signature): the derivation OSS V4 and AWS SigV4 share, names aside."""
+    date = timestamp[:8]
+    scope = f"{date}/{region}/{service}/{terminator}"
+    string_to_sign = "\n".join([algorithm, timestamp, scope, _sha256_hex(canonical_request)])
+    signing_key = (key_prefix + secret).encode("utf-8")
+    for part in (date, region, service, terminator):
+        signing_key = _hmac_sha256(signing_key, part)
+    signature = hmac.new(signing_key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    return scope, signature
+
+
 def _hmac_sha256(key: bytes, msg: str) -> bytes:
     return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
 
@@ -247,7 +268,6 @@ def sign_oss_v4(
     """
     t = _utc(now)
     timestamp = t.strftime("%Y%m%dT%H%M%SZ")
-    date = timestamp[:8]
 
     _set_header(headers, "x-oss-date", timestamp)
     _set_header(headers, "Date", format_datetime(t, usegmt=True))
@@ -276,15 +296,16 @@ def sign_oss_v4(
             UNSIGNED_PAYLOAD,
         ]
     )
-    scope = f"{date}/{region}/oss/aliyun_v4_request"
-    string_to_sign = "\n".join(
-        ["OSS4-HMAC-SHA256", timestamp, scope, _sha256_hex(canonical_request)]
+    scope, signature = _v4_signature(
+        "OSS4-HMAC-SHA256",
+        "aliyun_v4",
+        "oss",
+        "aliyun_v4_request",
+        creds.access_key_secret,
+        timestamp,
+        region,
+        canonical_request,
     )
-
-    signing_key = ("aliyun_v4" + creds.access_key_secret).encode("utf-8")
-    for part in (date, region, "oss", "aliyun_v4_request"):
-        signing_key = _hmac_sha256(signing_key, part)
-    signature = hmac.new(signing_key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
 
     _set_header(
         headers,
@@ -370,7 +391,6 @@ def sign_s3_v4(
     """
     t = _utc(now)
     timestamp = t.strftime("%Y%m%dT%H%M%SZ")
-    date = timestamp[:8]
 
     _set_header(headers, "Host", host)
     _set_header(headers, "x-amz-date", timestamp)
@@ -400,15 +420,16 @@ def sign_s3_v4(
             UNSIGNED_PAYLOAD,
         ]
     )
-    scope = f"{date}/{region}/s3/aws4_request"
-    string_to_sign = "\n".join(
-        ["AWS4-HMAC-SHA256", timestamp, scope, _sha256_hex(canonical_request)]
+    scope, signature = _v4_signature(
+        "AWS4-HMAC-SHA256",
+        "AWS4",
+        "s3",
+        "aws4_request",
+        creds.access_key_secret,
+        timestamp,
+        region,
+        canonical_request,
     )
-
-    signing_key = ("AWS4" + creds.access_key_secret).encode("utf-8")
-    for part in (date, region, "s3", "aws4_request"):
-        signing_key = _hmac_sha256(signing_key, part)
-    signature = hmac.new(signing_key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
 
     _set_header(
         headers,
