@@ -11,6 +11,7 @@ import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,6 +141,22 @@ def interrupt_after(parts: int) -> Callable[[int, int], None]:
             raise KeyboardInterrupt
 
     return progress
+
+
+def interrupted_run(
+    client: FakeClient, target: Path, *, after: int, threads: int = 1, **kwargs: Any
+) -> None:
+    """A download of `client`'s object stopped by Ctrl-C once `after` parts are done."""
+    with pytest.raises(KeyboardInterrupt):
+        resumable_download(
+            client,
+            client.key,
+            target,
+            part_size=PART,
+            num_threads=threads,
+            progress_callback=interrupt_after(after),
+            **kwargs,
+        )
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -341,15 +358,7 @@ def test_missing_key(target: Path):
 def test_interrupt_keeps_finished_parts_and_resume_uses_recorded_part_size(target: Path):
     data = payload(12 * PART + 7)
     client = FakeClient(data)
-    with pytest.raises(KeyboardInterrupt):
-        resumable_download(
-            client,
-            client.key,
-            target,
-            part_size=PART,
-            num_threads=2,
-            progress_callback=interrupt_after(3),
-        )
+    interrupted_run(client, target, after=3, threads=2)
     assert not target.exists()
     cp = load_checkpoint(str(cp_of(target)))
     assert cp is not None and cp.part_size == PART
@@ -380,15 +389,7 @@ def test_interrupt_keeps_finished_parts_and_resume_uses_recorded_part_size(targe
 def test_resume_refetches_a_recorded_part_modified_on_disk(target: Path, caplog):
     data = payload(8 * PART)
     client = FakeClient(data)
-    with pytest.raises(KeyboardInterrupt):
-        resumable_download(
-            client,
-            client.key,
-            target,
-            part_size=PART,
-            num_threads=1,
-            progress_callback=interrupt_after(3),
-        )
+    interrupted_run(client, target, after=3)
     cp = load_checkpoint(str(cp_of(target)))
     victim = min(cp.parts)
     with open(tmp_of(target), "r+b") as f:
@@ -407,15 +408,7 @@ def test_resume_refetches_a_recorded_part_modified_on_disk(target: Path, caplog)
 def test_damaged_checkpoint_means_full_restart_and_one_warning(target: Path, caplog, damage):
     data = payload(6 * PART + 1)
     client = FakeClient(data)
-    with pytest.raises(KeyboardInterrupt):
-        resumable_download(
-            client,
-            client.key,
-            target,
-            part_size=PART,
-            num_threads=1,
-            progress_callback=interrupt_after(2),
-        )
+    interrupted_run(client, target, after=2)
     path = cp_of(target)
     if damage == "crc":
         path.write_text(_flip_crc_digit(path.read_text()))
@@ -437,15 +430,7 @@ def test_damaged_checkpoint_means_full_restart_and_one_warning(target: Path, cap
 def test_short_or_missing_temp_file_means_full_restart(target: Path, how):
     data = payload(6 * PART + 1)
     client = FakeClient(data)
-    with pytest.raises(KeyboardInterrupt):
-        resumable_download(
-            client,
-            client.key,
-            target,
-            part_size=PART,
-            num_threads=1,
-            progress_callback=interrupt_after(2),
-        )
+    interrupted_run(client, target, after=2)
     cp = load_checkpoint(str(cp_of(target)))
     if how == "truncated":
         os.truncate(tmp_of(target), cp.recorded_end() - 1)
@@ -460,15 +445,7 @@ def test_short_or_missing_temp_file_means_full_restart(target: Path, how):
 def test_changed_object_between_runs_starts_over(target: Path):
     old, new = payload(6 * PART, 1), payload(6 * PART, 2)
     client = FakeClient(old)
-    with pytest.raises(KeyboardInterrupt):
-        resumable_download(
-            client,
-            client.key,
-            target,
-            part_size=PART,
-            num_threads=1,
-            progress_callback=interrupt_after(2),
-        )
+    interrupted_run(client, target, after=2)
     client.set_object(new)
     client.ranges.clear()
     resumable_download(client, client.key, target, part_size=PART)
@@ -589,16 +566,7 @@ def test_explicit_checkpoint_path(tmp_path: Path, target: Path):
     data = payload(4 * PART)
     client = FakeClient(data)
     cp_path = tmp_path / "elsewhere.json"
-    with pytest.raises(KeyboardInterrupt):
-        resumable_download(
-            client,
-            client.key,
-            target,
-            part_size=PART,
-            checkpoint_file=cp_path,
-            num_threads=1,
-            progress_callback=interrupt_after(1),
-        )
+    interrupted_run(client, target, after=1, checkpoint_file=cp_path)
     assert cp_path.exists() and not cp_of(target).exists()
     resumable_download(client, client.key, target, checkpoint_file=cp_path)
     assert target.read_bytes() == data
