@@ -20,6 +20,7 @@ from .client import StoreClient, StoreConfig, credentials_from_env, store_id
 from .download import add_download_parser, cmd_download
 from .errors import OssfsError, UsageError
 from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
+from .progress import add_progress_option
 
 log = logging.getLogger("ossfs_resume")
 
@@ -134,12 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--part-size", default=str(DEFAULT_PART_SIZE), help="part size for oss:// targets"
     )
     prefetch.add_argument("--threads", type=int, default=8, help="parallel part fetches")
-    prefetch.add_argument(
-        "--progress",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="progress bar (auto: only when stderr is a terminal)",
-    )
+    add_progress_option(prefetch)
     _common_args(prefetch)
 
     add_download_parser(sub, store_args=_store_args, common_args=_common_args)

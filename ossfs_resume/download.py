@@ -59,6 +59,7 @@ from .parts import (
     part_bounds,
     part_count,
 )
+from .progress import add_progress_option
 
 log = logging.getLogger("ossfs_resume.download")  # also when run as __main__
 
@@ -855,12 +856,7 @@ def add_download_parser(
     parser.add_argument(
         "--no-checkpoint", action="store_true", help="keep no checkpoint: cannot resume"
     )
-    parser.add_argument(
-        "--progress",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="progress bar (auto: only when stderr is a terminal)",
-    )
+    add_progress_option(parser)
     common_args(parser)
     return parser
 
