@@ -8,7 +8,9 @@ Write order (crash safety): data goes to a temp file, is fsynced, renamed
 into place, the directory is fsynced, and only then is the index row written.
 A crash at any point leaves either no row (the part is fetched again) or a row
 whose data is durable. Each row carries the part's CRC-64, checked the first
-time this process serves the part.
+time this process serves the part; the file's identity (inode, size, mtime)
+is then remembered, so reopening it later in this process needs no re-read,
+while a file replaced on disk is checked again.
 
 Eviction is per part, before each write, when the cache would pass its size
 limit or the disk its free-space floor. Parts touched in more than one access
@@ -19,9 +21,11 @@ and flushed in one transaction every few seconds (``flush_access``).
 Concurrency: the index (diskcache, SQLite in WAL mode) is safe across threads
 and processes, so a `prefetch` process and a mount can share one cache dir;
 the byte total is kept with diskcache's atomic ``incr``. ``_lock`` guards only
-the in-memory handle LRU and access map and is never held during I/O;
-``_evict_lock`` serialises this process's eviction scans (taken before
-``_lock``, never inside it).
+the in-memory maps (handles, verified identities, access times, pins) and is
+never held during I/O; ``_evict_lock`` serialises this process's eviction
+scans (taken before ``_lock``, never inside it). A part's verification lock
+(``_verify_locks``) is taken before ``_lock`` and held across that part's
+checksum read, so concurrent first readers of a part read it from disk once.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -125,6 +130,25 @@ class VerifiedPart:
     def pread(self, offset: int, size: int) -> bytes:
         return os.pread(self.file.fileno(), size, offset)
 
+    def preadinto(self, offset: int, view: memoryview) -> int:
+        """Read into `view` (no intermediate copy); returns bytes read, short only at the end."""
+        fd = self.file.fileno()
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if not n:
+                break
+            done += n
+        return done
+
+
+class _VerifyLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
 
 class PartCache:
     """Part files under ``root/parts``, index under ``root/index``."""
@@ -135,7 +159,7 @@ class PartCache:
         *,
         max_bytes: int | None = None,
         min_free_bytes: int | None = None,
-        open_handles: int = 16,
+        open_handles: int = 64,
     ) -> None:
         self.root = Path(root)
         self.parts_dir = self.root / "parts"
@@ -150,6 +174,11 @@ class PartCache:
         self._handles: cachetools.LRUCache[PartId, VerifiedPart] = cachetools.LRUCache(
             maxsize=open_handles
         )
+        # Parts whose CRC this process checked, by file identity (ino, size, mtime_ns).
+        self._verified: cachetools.LRUCache[PartId, tuple[int, int, int]] = cachetools.LRUCache(
+            maxsize=1 << 16
+        )
+        self._verify_locks: dict[PartId, _VerifyLock] = {}
         self._touched: dict[PartId, float] = {}
         self._reading: dict[PartId, int] = {}  # parts being served right now: never evicted
         self._write_warned = False
@@ -202,28 +231,62 @@ class PartCache:
     def has(self, pid: PartId) -> bool:
         return self.record(pid) is not None
 
-    def open_verified(self, pid: PartId) -> VerifiedPart | None:
-        """A verified handle for a cached part, or None if it is not (validly) cached.
+    def is_verified(self, pid: PartId) -> bool:
+        """True if this process checked the part's CRC already (no I/O: memory only)."""
+        with self._lock:
+            return pid in self._handles or pid in self._verified
 
-        The first use in this process reads the whole part and checks its
-        CRC-64; a part that fails is dropped so the caller fetches it again.
-        """
+    def _open_handle(self, pid: PartId) -> VerifiedPart | None:
         now = time.time()
         with self._lock:
             handle = self._handles.get(pid)
             if handle is not None:
                 self._touched[pid] = now
-        if handle is not None:
-            self._count("hits")
-            return handle
+        return handle
+
+    @contextlib.contextmanager
+    def _verifying(self, pid: PartId) -> Iterator[None]:
+        """One verification of a part at a time; later callers wait and reuse its result."""
+        with self._lock:
+            entry = self._verify_locks.get(pid)
+            if entry is None:
+                entry = self._verify_locks[pid] = _VerifyLock()
+            entry.users += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if not entry.users:
+                    del self._verify_locks[pid]
+
+    def open_verified(self, pid: PartId) -> VerifiedPart | None:
+        """A verified handle for a cached part, or None if it is not (validly) cached.
+
+        The first use in this process reads the whole part and checks its
+        CRC-64 (which also brings it into the page cache); a part that fails is
+        dropped so the caller fetches it again.
+        """
+        handle = self._open_handle(pid)
+        if handle is None:
+            with self._verifying(pid):
+                handle = self._open_handle(pid) or self._open_and_check(pid)
+        self._count("hits" if handle is not None else "misses")
+        return handle
+
+    def _open_and_check(self, pid: PartId) -> VerifiedPart | None:
         rec = self.record(pid)
         if rec is None:
-            self._count("misses")
             return None
         path = self.part_path(pid)
         try:
             handle = VerifiedPart(path, rec.length)
-            data = os.pread(handle.file.fileno(), rec.length + 1, 0)
+            st = os.fstat(handle.file.fileno())
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+            with self._lock:
+                known = self._verified.get(pid) == identity
+            ok = known or self._check(handle, rec)
         except FileNotFoundError:
             log.warning("cached part %s is missing on disk; fetching it again", path)
             self.drop(pid)
@@ -232,21 +295,27 @@ class PartCache:
             log.warning("cached part %s is unreadable (%s); fetching it again", path, exc)
             self.drop(pid)
             return None
-        if len(data) != rec.length or crc64(data) != rec.crc:
-            log.warning(
-                "cached part %s failed its checksum (%d bytes, expected %d); "
-                "dropping it and fetching it again",
-                path,
-                len(data),
-                rec.length,
-            )
+        if not ok:
             self.drop(pid)
             return None
         with self._lock:
             self._handles[pid] = handle
-            self._touched[pid] = now
-        self._count("hits")
+            self._verified[pid] = identity
+            self._touched[pid] = time.time()
         return handle
+
+    def _check(self, handle: VerifiedPart, rec: PartRecord) -> bool:
+        data = os.pread(handle.file.fileno(), rec.length + 1, 0)
+        if len(data) == rec.length and crc64(data) == rec.crc:
+            return True
+        log.warning(
+            "cached part %s failed its checksum (%d bytes, expected %d); "
+            "dropping it and fetching it again",
+            handle.file.name,
+            len(data),
+            rec.length,
+        )
+        return False
 
     def touch(self, pid: PartId) -> None:
         """Count a use of a part served from memory (just fetched), without an index write."""
@@ -254,7 +323,14 @@ class PartCache:
             self._touched[pid] = time.time()
 
     def read(self, pid: PartId, offset: int, size: int) -> bytes | None:
-        """Bytes of a cached part, or None if it is not (validly) cached.
+        """Bytes of a cached part, or None if it is not (validly) cached."""
+        buf = bytearray(size)
+        n = self.read_into(pid, offset, memoryview(buf))
+        return None if n is None else bytes(buf[:n])
+
+    def read_into(self, pid: PartId, offset: int, view: memoryview) -> int | None:
+        """Copy a cached part's bytes from `offset` into `view`; None if it is not (validly)
+        cached, else the bytes copied (fewer only past the part's end).
 
         The part is pinned while it is read, so this process never evicts it
         mid-read (another process evicting it is harmless: the open file
@@ -264,7 +340,7 @@ class PartCache:
             self._reading[pid] = self._reading.get(pid, 0) + 1
         try:
             handle = self.open_verified(pid)
-            return None if handle is None else handle.pread(offset, size)
+            return None if handle is None else handle.preadinto(offset, view)
         finally:
             with self._lock:
                 left = self._reading[pid] - 1
@@ -302,6 +378,7 @@ class PartCache:
             self._index_part(pid, PartRecord(len(data), crc, time.time(), 0))
             # We checksummed these very bytes: serve them without re-reading.
             handle = VerifiedPart(final, len(data))
+            st = os.fstat(handle.file.fileno())
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -311,6 +388,7 @@ class PartCache:
             self._release(len(data))
         with self._lock:
             self._handles[pid] = handle
+            self._verified[pid] = (st.st_ino, st.st_size, st.st_mtime_ns)
         return True
 
     def _index_part(self, pid: PartId, rec: PartRecord) -> None:
@@ -331,10 +409,15 @@ class PartCache:
     def drop(self, pid: PartId) -> None:
         """Forget a part: index row first, so no reader is ever pointed at missing data."""
         self._unindex(pid)
-        with self._lock:
-            self._handles.pop(pid, None)
+        self._forget(pid)
         with contextlib.suppress(OSError):
             self.part_path(pid).unlink()
+
+    def _forget(self, pid: PartId) -> None:
+        """Drop this process's open handle and verification memo of a part."""
+        with self._lock:
+            self._handles.pop(pid, None)
+            self._verified.pop(pid, None)
 
     def _unindex(self, pid: PartId) -> int:
         """Delete a part's row and count its bytes out; returns the bytes freed."""
@@ -353,6 +436,8 @@ class PartCache:
         with self._lock:
             for pid in [p for p in self._handles if p.object_id == oid]:
                 self._handles.pop(pid, None)
+            for pid in [p for p in self._verified if p.object_id == oid]:
+                self._verified.pop(pid, None)
         shutil.rmtree(self.object_dir(oid), ignore_errors=True)
 
     # -- size limit and eviction ------------------------------------------
@@ -442,8 +527,7 @@ class PartCache:
             if self.used_bytes() <= target and not self._needs_room(pending):
                 break
             freed += self._unindex(pid)
-            with self._lock:
-                self._handles.pop(pid, None)
+            self._forget(pid)
             with contextlib.suppress(OSError):
                 self.part_path(pid).unlink()
             evicted += 1
@@ -497,6 +581,7 @@ class PartCache:
         parts = self._parts()
         with self._lock:
             self._handles.clear()
+            self._verified.clear()
         for pid, _ in parts:
             self._unindex(pid)
         for key in list(self.index.iterkeys()):
@@ -606,7 +691,13 @@ class UncachedParts(PartCache):
         self.misses += 1
         return None
 
+    def is_verified(self, pid: PartId) -> bool:
+        return False
+
     def read(self, pid: PartId, offset: int, size: int) -> bytes | None:
+        return None
+
+    def read_into(self, pid: PartId, offset: int, view: memoryview) -> int | None:
         return None
 
     def touch(self, pid: PartId) -> None:

@@ -201,12 +201,20 @@ class BucketFS:
             return self._keep.get(fh, False)
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
+        buf = bytearray(size)
+        n = self.read_into(fh, offset, memoryview(buf))
+        return bytes(buf[:n])
+
+    def read_into(self, fh: int, offset: int, view: memoryview) -> int:
+        """Copy the file's bytes from `offset` into `view` (the FUSE reply buffer: no
+        intermediate copy); returns the bytes copied, fewer only at the end of the file."""
         with self._lock:
             reader = self._open.get(fh)
         if reader is None:
             raise FsError(errno.EBADF)
+        size = len(view)
         try:
-            return reader.read(offset, size)
+            return reader.read_into(offset, view)
         except PreconditionFailedError:
             ref = reader.ref
             log.error(

@@ -81,3 +81,9 @@ class ChecksumError(OssfsError):
 
 class CheckpointError(OssfsError):
     """A resumable-download checkpoint could not be used."""
+
+
+class CacheWriteError(OssfsError):
+    """The cache directory refused a part (full disk, floor reached, read-only)."""
+
+    errno = errno.ENOSPC

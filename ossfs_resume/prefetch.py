@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .cache import PartCache
 from .client import ObjectMeta, StoreClient
-from .errors import UsageError
+from .errors import CacheWriteError, UsageError
 from .parts import part_bounds
 from .reader import ObjectRef, PartFetcher
 
@@ -73,7 +73,12 @@ def prefetch_object(
 
     def fetch(number: int) -> int:
         nonlocal consumed
-        fetcher.fetch(ref, number)
+        fetcher.fetch(ref, number, durable=True)
+        if not cache.has(ref.part_id(number)):
+            raise CacheWriteError(
+                f"cannot write to the cache at {cache.root} (see the warning above); "
+                f"prefetch of {client.describe(meta.key)} stopped"
+            )
         length = part_bounds(meta.size, part_size, number)[1]
         with lock:
             consumed += length

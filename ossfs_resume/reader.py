@@ -1,22 +1,26 @@
 """Turns file reads into part fetches: one fetch per part, read-ahead, a byte budget.
 
-Lock ordering: ``PartFetcher._lock`` guards only the in-flight map and the
-byte budget. It is never held while doing I/O or while waiting on a fetch, and
-no other lock is taken while it is held. ``ObjectReader._lock`` guards one open
-file's read-ahead state and is never held across a fetch either.
+Lock ordering: ``PartFetcher._lock`` guards only the in-flight map, the
+verify-ahead set, the random-touch counts and the byte budget. It is never held while doing I/O or
+while waiting on a fetch, and no other lock is taken while it is held.
+``ObjectReader._lock`` guards one open file's read-ahead state and is never
+held across a fetch either.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import cachetools
+
 from .cache import PartCache, PartId
 from .client import ObjectMeta, StoreClient
-from .errors import PreconditionFailedError, StoreUnavailableError
+from .errors import ChecksumError, PreconditionFailedError, StoreUnavailableError
 from .parts import part_bounds, part_count, parts_covering
 
 log = logging.getLogger(__name__)
@@ -38,12 +42,33 @@ class ObjectRef:
         return PartId(self.object_id, self.part_size, number)
 
 
+class _Inflight:
+    """A part being fetched: its bytes (for readers), then its arrival in the cache."""
+
+    __slots__ = ("data", "length", "settled")
+
+    def __init__(self, length: int) -> None:
+        self.data: Future[memoryview] = Future()
+        self.length = length
+        self.settled = threading.Event()  # stored in the cache, or given up on
+
+
 class PartFetcher:
     """Shared by every open file of a mount (and by prefetch).
 
     A part is fetched at most once at a time: readers that need a part already
     in flight wait on its future. Read-ahead runs on a bounded pool and stops
     scheduling when the bytes in flight reach the budget, so memory stays flat.
+
+    A fetched part is handed to its readers as soon as its bytes have arrived;
+    writing it to the cache (write, fsync, index row) happens after, on a
+    separate writer pool, so neither readers nor the next GETs wait on the
+    disk. The part stays "in flight" (readers take it from memory, its bytes
+    count against the budget) until it is durable in the cache.
+
+    Read-ahead over parts already cached verifies them ahead of the reader
+    (first use in this process: read and CRC-check), which also brings them
+    into the page cache, so a warm sequential read never waits on the disk.
     """
 
     def __init__(
@@ -58,43 +83,120 @@ class PartFetcher:
         self.cache = cache
         self.max_inflight_bytes = max_inflight_bytes
         self._lock = threading.Lock()
-        self._inflight: dict[PartId, Future[memoryview]] = {}
+        self._inflight: dict[PartId, _Inflight] = {}
         self._inflight_bytes = 0
+        self._verifying: set[PartId] = set()
+        # Random reads per part not yet cached: a part touched twice is fetched whole.
+        self._random_touches: cachetools.LRUCache[PartId, int] = cachetools.LRUCache(4096)
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="fetch")
+        self._writer = ThreadPoolExecutor(
+            max_workers=max(2, max_parallel // 2), thread_name_prefix="store"
+        )
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True)
         # Read-ahead that never started has futures nobody will resolve: fail
         # them, so a reader waiting on one gets an error instead of hanging.
         with self._lock:
             stranded = list(self._inflight.values())
             self._inflight.clear()
             self._inflight_bytes = 0
-        for future in stranded:
-            if not future.done():
-                future.set_exception(StoreUnavailableError("the mount is shutting down"))
+        for entry in stranded:
+            if not entry.data.done():
+                entry.data.set_exception(StoreUnavailableError("the mount is shutting down"))
+            entry.settled.set()
 
     def read(self, ref: ObjectRef, number: int, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of part `number`, from the cache or the store."""
-        cached = self.cache.read(ref.part_id(number), offset, size)
-        if cached is not None:
-            return cached
-        data = self.fetch(ref, number)
-        self.cache.touch(ref.part_id(number))
-        return bytes(data[offset : offset + size])
+        length = part_bounds(ref.meta.size, ref.part_size, number)[1]
+        buf = bytearray(max(0, min(size, length - offset)))
+        n = self.read_into(ref, number, offset, memoryview(buf))
+        return bytes(buf[:n])
 
-    def fetch(self, ref: ObjectRef, number: int) -> memoryview:
-        """The part's bytes, fetching them in this thread unless a fetch is in flight."""
-        future, owner = self._claim(ref, number)
+    def read_into(self, ref: ObjectRef, number: int, offset: int, view: memoryview) -> int:
+        """Copy part `number` from `offset` into `view`, from the cache or the store.
+
+        Returns the bytes copied (fewer than ``len(view)`` only past the part's end).
+        """
+        pid = ref.part_id(number)
+        with self._lock:
+            inflight = pid in self._inflight
+        if not inflight:
+            n = self.cache.read_into(pid, offset, view)
+            if n is not None:
+                return n
+        data = self.fetch(ref, number)
+        self.cache.touch(pid)
+        chunk = data[offset : offset + len(view)]
+        view[: len(chunk)] = chunk
+        return len(chunk)
+
+    def read_random_into(self, ref: ObjectRef, number: int, offset: int, view: memoryview) -> int:
+        """Like `read_into`, for a read that is not part of a sequential stream.
+
+        A part neither cached nor in flight is not fetched whole for one small
+        read: only the bytes asked for are fetched, straight into `view`. A part
+        touched again by random reads is worth caching: it is fetched whole in
+        the background, so later reads of it come from the cache.
+        """
+        pid = ref.part_id(number)
+        with self._lock:
+            inflight = pid in self._inflight
+            touches = 0 if inflight else self._random_touches.get(pid, 0) + 1
+            if touches:
+                self._random_touches[pid] = touches
+        if inflight:
+            return self.read_into(ref, number, offset, view)
+        n = self.cache.read_into(pid, offset, view)
+        if n is not None:
+            return n
+        if touches >= 2:
+            self.prefetch(ref, [number])
+        part_start, length = part_bounds(ref.meta.size, ref.part_size, number)
+        size = max(0, min(len(view), length - offset))
+        if size:
+            start = part_start + offset
+            self.client.get_range(
+                ref.meta.key, start, start + size - 1, if_match=ref.meta.etag, into=view[:size]
+            )
+            self.cache.note_fetched(size)
+        return size
+
+    def fetch(self, ref: ObjectRef, number: int, *, durable: bool = False) -> memoryview:
+        """The part's bytes, fetching them in this thread unless a fetch is in flight.
+
+        With `durable`, also wait until the part has been written to the cache
+        (or the cache has refused it: check ``cache.has`` to know which).
+        """
+        entry, owner = self._claim(ref, number)
         if owner:
-            self._run(ref, number, future)
-        return future.result()
+            self._run(ref, number, entry)
+        data = entry.data.result()
+        if durable:
+            entry.settled.wait()
+        return data
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is being fetched or stored; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._inflight.values())
+            if not pending:
+                return True
+            for entry in pending:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not entry.settled.wait(left):
+                    return False
 
     def prefetch(self, ref: ObjectRef, numbers: Iterable[int]) -> int:
         """Schedule background fetches of parts not cached or in flight; returns how many.
 
-        Stops early when the byte budget is used up: read-ahead is a hint, and a
-        reader that gets there first fetches the part itself.
+        Parts already cached but not yet verified by this process are verified
+        in the background instead. Stops early when the byte budget is used up:
+        read-ahead is a hint, and a reader that gets there first fetches the
+        part itself.
         """
         scheduled = 0
         for number in numbers:
@@ -102,9 +204,13 @@ class PartFetcher:
                 break
             pid = ref.part_id(number)
             with self._lock:
-                if pid in self._inflight:
+                if pid in self._inflight or pid in self._verifying:
                     continue
             if self.cache.has(pid):
+                if not self.cache.is_verified(pid):
+                    with self._lock:
+                        self._verifying.add(pid)
+                    self._pool.submit(self._verify, pid)
                 continue
             length = part_bounds(ref.meta.size, ref.part_size, number)[1]
             with self._lock:
@@ -112,53 +218,81 @@ class PartFetcher:
                     continue
                 if self._inflight_bytes + length > self.max_inflight_bytes:
                     break
-                future: Future[memoryview] = Future()
-                self._inflight[pid] = future
+                entry = _Inflight(length)
+                self._inflight[pid] = entry
                 self._inflight_bytes += length
-            self._pool.submit(self._run, ref, number, future)
+            self._pool.submit(self._run, ref, number, entry)
             scheduled += 1
         return scheduled
 
-    def _claim(self, ref: ObjectRef, number: int) -> tuple[Future[memoryview], bool]:
+    def _verify(self, pid: PartId) -> None:
+        try:
+            self.cache.open_verified(pid)
+        except Exception:
+            log.exception("verifying cached part %s ahead of the reader failed", pid)
+        finally:
+            with self._lock:
+                self._verifying.discard(pid)
+
+    def _claim(self, ref: ObjectRef, number: int) -> tuple[_Inflight, bool]:
         pid = ref.part_id(number)
         length = part_bounds(ref.meta.size, ref.part_size, number)[1]
         with self._lock:
-            future = self._inflight.get(pid)
-            if future is not None:
-                return future, False
-            future = Future()
-            self._inflight[pid] = future
+            entry = self._inflight.get(pid)
+            if entry is not None:
+                return entry, False
+            entry = self._inflight[pid] = _Inflight(length)
             self._inflight_bytes += length
-            return future, True
+            return entry, True
 
-    def _run(self, ref: ObjectRef, number: int, future: Future[memoryview]) -> None:
+    def _run(self, ref: ObjectRef, number: int, entry: _Inflight) -> None:
         pid = ref.part_id(number)
         start, length = part_bounds(ref.meta.size, ref.part_size, number)
+        future = entry.data
+        to_store: bytearray | None = None
         try:
             if not future.set_running_or_notify_cancel():
                 return
             # Another thread or process may have stored it since we looked.
             handle = self.cache.open_verified(pid)
             if handle is not None:
-                data = memoryview(handle.pread(0, length))
-            else:
-                buf = bytearray(length)
-                self.client.get_range(
-                    ref.meta.key, start, start + length - 1, if_match=ref.meta.etag, into=buf
-                )
-                self.cache.note_fetched(length)
-                self.cache.store(pid, buf)
-                data = memoryview(buf)
-            future.set_result(data)
+                future.set_result(memoryview(handle.pread(0, length)))
+                return
+            buf = bytearray(length)
+            self.client.get_range(
+                ref.meta.key, start, start + length - 1, if_match=ref.meta.etag, into=buf
+            )
+            self.cache.note_fetched(length)
+            to_store = buf
+            future.set_result(memoryview(buf))
         except PreconditionFailedError as exc:
             log.warning("%s changed while being read (pinned ETag %s)", ref.meta.key, ref.meta.etag)
             future.set_exception(exc)
         except BaseException as exc:
             future.set_exception(exc)
         finally:
-            with self._lock:
-                self._inflight.pop(pid, None)
-                self._inflight_bytes -= length
+            if to_store is None:
+                self._settle(pid, entry)
+        if to_store is not None:
+            try:
+                self._writer.submit(self._store, pid, entry, to_store)
+            except RuntimeError:  # shutting down: the part is simply not cached
+                self._settle(pid, entry)
+
+    def _store(self, pid: PartId, entry: _Inflight, data: bytearray) -> None:
+        try:
+            self.cache.store(pid, data)
+        except Exception:
+            log.exception("storing part %s in the cache failed", pid)
+        finally:
+            self._settle(pid, entry)
+
+    def _settle(self, pid: PartId, entry: _Inflight) -> None:
+        with self._lock:
+            if self._inflight.get(pid) is entry:
+                del self._inflight[pid]
+                self._inflight_bytes -= entry.length
+        entry.settled.set()
 
 
 class ObjectReader:
@@ -175,23 +309,37 @@ class ObjectReader:
         self._last_part = -1
 
     def read(self, offset: int, size: int) -> bytes:
+        buf = bytearray(max(0, min(offset + size, self.ref.meta.size) - offset))
+        n = self.read_into(offset, memoryview(buf))
+        return bytes(buf[:n])
+
+    def read_into(self, offset: int, view: memoryview) -> int:
+        """Copy the file's bytes from `offset` into `view`; returns the bytes copied
+        (fewer than ``len(view)`` only at the end of the object)."""
         meta = self.ref.meta
-        numbers = parts_covering(offset, size, meta.size, self.ref.part_size)
+        numbers = parts_covering(offset, len(view), meta.size, self.ref.part_size)
         if not numbers:
-            return b""
-        self._plan_readahead(offset, size, numbers)
-        chunks = []
-        end = min(offset + size, meta.size)
+            return 0
+        sequential = self._plan_readahead(offset, len(view), numbers)
+        read_part = self.fetcher.read_into if sequential else self.fetcher.read_random_into
+        end = min(offset + len(view), meta.size)
+        done = 0
         for number in numbers:
             part_start = number * self.ref.part_size
             lo = max(offset, part_start) - part_start
             hi = min(end, part_start + self.ref.part_size) - part_start
-            chunks.append(self.fetcher.read(self.ref, number, lo, hi - lo))
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            n = read_part(self.ref, number, lo, view[done : done + hi - lo])
+            if n < hi - lo:  # a part file cut short under us: fail rather than misplace bytes
+                raise ChecksumError(
+                    f"part {number} of {meta.key} ended after {lo + n} bytes, expected {hi} or more"
+                )
+            done += n
+        return done
 
-    def _plan_readahead(self, offset: int, size: int, numbers: range) -> None:
+    def _plan_readahead(self, offset: int, size: int, numbers: range) -> bool:
+        """Update the read-ahead window for a read and schedule parts; True if sequential."""
         if self.max_window == 0:
-            return
+            return True  # no read-ahead: every read is served part by part
         part_size = self.ref.part_size
         with self._lock:
             # The kernel issues concurrent reads slightly out of order; treat a
@@ -212,7 +360,7 @@ class ObjectReader:
                 self._window = 0
                 self._ahead_until = last + 1
                 self._last_part = last
-                return
+                return False
             if self._window == 0:
                 self._window = 1
             elif last > self._last_part:
@@ -222,6 +370,7 @@ class ObjectReader:
             start = max(last + 1, self._ahead_until)
             stop = last + 1 + self._window
             if start >= stop:
-                return
+                return True
             self._ahead_until = stop
         self.fetcher.prefetch(self.ref, range(start, stop))
+        return True

@@ -89,15 +89,45 @@ def run_cli(
     )
 
 
+def _daemons_serving(path: str) -> list[int]:
+    """Pids of ossfs-resume mount daemons whose command line names `path`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mount" in argv and path.encode() in argv and any(b"ossfs" in a for a in argv[:2]):
+            pids.append(int(entry.name))
+    return pids
+
+
 def unmount(path: Path | str) -> None:
+    """Unmount and wait for the daemon to exit: it finishes its cache writes after the
+    kernel lets go of the mount point, and tests inspect the cache right after."""
     path = str(path)
+    daemons = _daemons_serving(path)
     for args in ([FUSERMOUNT, "-u", path], [FUSERMOUNT, "-u", "-z", path]):
         if not os.path.ismount(path):
-            return
+            break
         subprocess.run(args, capture_output=True, timeout=30)
         deadline = time.monotonic() + 10
         while os.path.ismount(path) and time.monotonic() < deadline:
             time.sleep(0.1)
+    deadline = time.monotonic() + 30
+    while daemons and time.monotonic() < deadline:
+        daemons = [pid for pid in daemons if _running(pid)]
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
 
 
 @dataclass

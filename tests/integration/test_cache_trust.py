@@ -289,10 +289,22 @@ def test_an_unusable_cache_dir_degrades_to_direct_reads(
     assert "reading straight from the store" in (tmp_path / "d.log").read_text()
 
 
+def _wait_for_parts(cache_dir: Path, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = run_cli(["cache", "stats", "--cache-dir", str(cache_dir)]).stdout
+        fields = dict(line.split(None, 1) for line in stats.splitlines())
+        if int(fields["parts"]) >= count:
+            return
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
+
+
 def test_cache_stats_and_clear(mounter: Mounter, sample_tree: dict[str, Path]):
     mount = mounter.mount(extra=["--part-size", "1M"])
     key = "data/2024/01/part-001.bin"
     assert read_past_page_cache(mount.path / key) == sample_tree[key].read_bytes()
+    _wait_for_parts(mount.cache_dir, 2)  # parts are written to the cache just after serving
     assert read_past_page_cache(mount.path / key) == sample_tree[key].read_bytes()
     time.sleep(1.5)  # access counts are flushed once a second
     result = run_cli(["cache", "clear", str(mount.path / key)], env=store_env(mounter.store))

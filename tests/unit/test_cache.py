@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -202,6 +203,88 @@ def test_verified_handle_is_reused(cache: PartCache) -> None:
     first = cache.open_verified(pid)
     assert first is not None
     assert cache.open_verified(pid) is first
+
+
+def _count_checks(monkeypatch: pytest.MonkeyPatch, cache: PartCache) -> list[PartId]:
+    """Record every full checksum read `cache` does (its first-use verification)."""
+    checked: list[PartId] = []
+    real = cache._check
+
+    def counting(handle, rec):  # type: ignore[no-untyped-def]
+        checked.append(handle.file.name)
+        return real(handle, rec)
+
+    monkeypatch.setattr(cache, "_check", counting)
+    return checked
+
+
+def test_a_verified_part_is_not_reread_after_its_handle_is_closed(
+    tmp_path: Path, reopen: Callable[[PartCache], PartCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = PartCache(tmp_path / "c")
+    pids = [_pid(n) for n in range(3)]
+    for n, pid in enumerate(pids):
+        first.store(pid, _data(PART, seed=n))
+    first.close()
+    later = PartCache(tmp_path / "c", open_handles=1)  # every open pushes the last handle out
+    try:
+        checked = _count_checks(monkeypatch, later)
+        for _ in range(2):
+            for n, pid in enumerate(pids):
+                handle = later.open_verified(pid)
+                assert handle is not None and handle.pread(0, PART) == _data(PART, seed=n)
+        assert len(checked) == 3  # once per part, not once per reopen
+        assert all(later.is_verified(pid) for pid in pids)
+    finally:
+        later.close()
+
+
+def test_a_part_file_replaced_on_disk_is_checked_again(
+    cache: PartCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pid = _pid()
+    data = _data(PART)
+    cache.store(pid, data)
+    checked = _count_checks(monkeypatch, cache)
+    cache._handles.clear()  # as if the handle had aged out of the LRU
+    path = cache.part_path(pid)
+    corrupt = bytearray(data)
+    corrupt[7] ^= 0x40
+    tmp = path.with_name("swap")
+    tmp.write_bytes(corrupt)
+    os.replace(tmp, path)  # a new inode: the memo of the old file must not vouch for it
+    assert cache.open_verified(pid) is None
+    assert checked == [str(path)]
+    assert cache.record(pid) is None
+
+
+def test_concurrent_first_readers_check_a_part_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = PartCache(tmp_path / "c")
+    pid = _pid()
+    first.store(pid, _data(PART))
+    first.close()
+    later = PartCache(tmp_path / "c")
+    try:
+        checked = _count_checks(monkeypatch, later)
+        start = threading.Barrier(6)
+        handles: list[object] = []
+
+        def read() -> None:
+            start.wait()
+            handles.append(later.open_verified(pid))
+
+        threads = [threading.Thread(target=read) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(handles) == 6 and all(h is handles[0] for h in handles)
+        assert len(checked) == 1
+        assert not later._verify_locks  # nothing left behind
+    finally:
+        later.close()
 
 
 def test_drop_removes_row_and_file(cache: PartCache) -> None:

@@ -112,15 +112,10 @@ def make_fetcher(cache: PartCache) -> Iterator[Callable[..., PartFetcher]]:
 
 
 def _wait_idle(fetcher: PartFetcher, timeout: float = 5.0) -> None:
-    """Wait until no fetch is in flight (read-ahead included)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with fetcher._lock:
-            if not fetcher._inflight:
-                assert fetcher._inflight_bytes == 0
-                return
-        time.sleep(0.005)
-    raise AssertionError("fetches still in flight")
+    """Wait until no fetch or cache write is in flight (read-ahead included)."""
+    assert fetcher.wait_idle(timeout), "fetches still in flight"
+    with fetcher._lock:
+        assert not fetcher._inflight and fetcher._inflight_bytes == 0
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -172,6 +167,7 @@ def test_fetched_part_is_cached(make_fetcher: Callable[..., PartFetcher], cache:
     fetcher = make_fetcher(client)
     ref = _ref(len(data))
     assert fetcher.read(ref, 1, 0, PART) == data[PART : 2 * PART]
+    _wait_idle(fetcher)
     assert cache.has(ref.part_id(1))
     # Served from the cache: no second request.
     assert fetcher.read(ref, 1, 10, 20) == data[PART + 10 : PART + 30]
@@ -360,16 +356,42 @@ def test_sequential_read_of_whole_object(make_fetcher: Callable[..., PartFetcher
     assert client.parts_fetched() == list(range(31))  # each part once, none past the end
 
 
-def test_random_reads_do_not_read_ahead(make_fetcher: Callable[..., PartFetcher]) -> None:
+def test_random_reads_fetch_only_their_bytes_and_do_not_read_ahead(
+    make_fetcher: Callable[..., PartFetcher], cache: PartCache
+) -> None:
     client, fetcher, reader, data = _setup_reader(make_fetcher, 40, max_readahead_parts=8)
     offsets = [17_500, 3_200, 30_100, 9_900, 25_000, 38_950, 12_000, 21_000]
-    touched: set[int] = set()
+    expected: list[Call] = []
     for offset in offsets:
         assert reader.read(offset, 100) == data[offset : offset + 100]
-        touched.update({offset // PART, (offset + 99) // PART})
         _wait_idle(fetcher)
-        assert client.parts_fetched() == sorted(touched)
-    assert len(client.calls) == len(touched) == 9  # 38_950 straddles parts 38 and 39
+        # Only the bytes asked for, one GET per part touched (38_950 straddles 38 and 39).
+        cut = min(offset + 100, (offset // PART + 1) * PART)
+        expected.append(Call(KEY, offset, cut - 1, ETAG))
+        if cut < offset + 100:
+            expected.append(Call(KEY, cut, offset + 99, ETAG))
+        assert client.calls == expected
+    assert len(client.calls) == 9
+    assert not any(cache.has(reader.ref.part_id(n)) for n in range(40))
+
+
+def test_a_part_touched_twice_by_random_reads_is_cached_whole(
+    make_fetcher: Callable[..., PartFetcher], cache: PartCache
+) -> None:
+    client, fetcher, reader, data = _setup_reader(make_fetcher, 40, max_readahead_parts=8)
+    pid = reader.ref.part_id(20)
+    for offset in (20_100, 5_000, 20_700):  # part 20, elsewhere, part 20 again
+        assert reader.read(offset, 100) == data[offset : offset + 100]
+    _wait_idle(fetcher)
+    assert cache.has(pid)
+    assert Call(KEY, 20 * PART, 21 * PART - 1, ETAG) in client.calls
+    calls = len(client.calls)
+    again = ObjectReader(fetcher, reader.ref, max_readahead_parts=8)  # a new open of the file
+    assert again.read(20_400, 300) == data[20_400:20_700]  # from the cache now
+    assert again.read(5_000, 100) == data[5_000:5_100]  # part 5 touched twice: cached too
+    _wait_idle(fetcher)
+    assert cache.has(reader.ref.part_id(5))
+    assert len(client.calls) == calls + 2  # part 5's bytes, then part 5 whole
 
 
 def test_readahead_stops_at_end_of_object(make_fetcher: Callable[..., PartFetcher]) -> None:
@@ -464,3 +486,95 @@ def test_cached_parts_need_no_requests(
         assert second.read(i * PART, PART) == data[i * PART : (i + 1) * PART]
     _wait_idle(fetcher)
     assert len(client.calls) == calls
+
+
+# -- writing behind the reader, verifying ahead of it --------------------------
+
+
+def test_readers_get_a_part_before_it_is_written_to_the_cache(
+    make_fetcher: Callable[..., PartFetcher], cache: PartCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _payload(2 * PART)
+    client = FakeClient(data)
+    disk = threading.Event()
+    real_store = cache.store
+
+    def slow_store(pid, buf):  # type: ignore[no-untyped-def]
+        assert disk.wait(10), "test never released the disk"
+        return real_store(pid, buf)
+
+    monkeypatch.setattr(cache, "store", slow_store)
+    fetcher = make_fetcher(client)
+    ref = _ref(len(data))
+    pid = ref.part_id(0)
+    # The reader is served while the write is still blocked...
+    assert fetcher.read(ref, 0, 0, PART) == data[:PART]
+    assert not cache.has(pid)
+    # ...and so is the next reader of that part, from memory, with no second GET.
+    assert fetcher.read(ref, 0, 100, 50) == data[100:150]
+    assert len(client.calls) == 1
+    durable: list[bool] = []
+    waiter = threading.Thread(
+        target=lambda: durable.append(bool(fetcher.fetch(ref, 0, durable=True)) and cache.has(pid))
+    )
+    waiter.start()
+    time.sleep(0.05)
+    assert not durable  # durable=True waits for the write
+    disk.set()
+    waiter.join(5)
+    assert durable == [True]
+    _wait_idle(fetcher)
+    assert len(client.calls) == 1
+
+
+def test_a_refused_cache_write_still_serves_the_reader(
+    make_fetcher: Callable[..., PartFetcher], cache: PartCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _payload(PART)
+    client = FakeClient(data)
+    monkeypatch.setattr(cache, "store", lambda pid, buf: False)
+    fetcher = make_fetcher(client)
+    ref = _ref(len(data))
+    assert fetcher.read(ref, 0, 0, PART) == data
+    _wait_idle(fetcher)
+    assert not cache.has(ref.part_id(0))
+    assert fetcher.read(ref, 0, 0, 10) == data[:10]  # fetched again, not lost
+    assert len(client.calls) == 2
+
+
+def test_readahead_verifies_cached_parts_ahead_of_the_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _payload(6 * PART)
+    client = FakeClient(data)
+    ref = _ref(len(data))
+    first = PartCache(tmp_path / "c")
+    fetcher = PartFetcher(client, first)  # type: ignore[arg-type]
+    for n in range(6):
+        fetcher.fetch(ref, n, durable=True)
+    fetcher.shutdown()
+    first.close()
+    calls = len(client.calls)
+
+    later = PartCache(tmp_path / "c")  # a remount: nothing verified in this process yet
+    checked: list[str] = []
+    real_check = later._check
+    monkeypatch.setattr(
+        later, "_check", lambda h, rec: checked.append(h.file.name) or real_check(h, rec)
+    )
+    fetcher = PartFetcher(client, later)  # type: ignore[arg-type]
+    try:
+        reader = ObjectReader(fetcher, ref, max_readahead_parts=4)
+        assert reader.read(0, PART) == data[:PART]
+        assert reader.read(PART, PART) == data[PART : 2 * PART]
+        # Parts the reader has not reached are verified by read-ahead, not fetched.
+        _wait_for(lambda: later.is_verified(ref.part_id(3)))
+        assert len(client.calls) == calls
+        for n in range(2, 6):
+            assert reader.read(n * PART, PART) == data[n * PART : (n + 1) * PART]
+        _wait_idle(fetcher)
+        assert len(checked) == 6  # each part checked once, by whoever got there first
+        assert len(client.calls) == calls
+    finally:
+        fetcher.shutdown()
+        later.close()
