@@ -62,14 +62,18 @@ def tune_read_ahead(mountpoint: str, read_ahead_kb: int, timeout: float = 5.0) -
 
     The kernel starts FUSE mounts at 128 KiB; libfuse3 accepts up to 1 MiB per
     request. Best effort: it needs write access to /sys/class/bdi (root).
+    Runs in its own thread, started from ``init``: the kernel lowers the
+    setting when it processes libfuse's INIT reply, so it must be written after
+    that, and a stat of the mount point is what waits for it (requests queue
+    until INIT is answered).
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         device = _mount_device(mountpoint)
         if device:
-            path = f"/sys/class/bdi/{device}/read_ahead_kb"
             try:
-                with open(path, "w") as f:
+                os.stat(mountpoint)  # returns once INIT has been processed
+                with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
                     f.write(str(read_ahead_kb))
                 log.info("read-ahead of %s set to %d KiB", mountpoint, read_ahead_kb)
             except OSError as exc:
