@@ -477,11 +477,18 @@ class StoreClient:
     def _read_into(self, resp: requests.Response, view: memoryview, key: str) -> int:
         """Read the body into `view`; a short body raises _Retry with bytes kept in `view`."""
         raw = resp.raw
+        readinto = raw.readinto
+        # urllib3's readinto is a read() plus a copy; the http.client response under it
+        # reads straight into our buffer. Only for a body sent as is (we ask for identity).
+        fp = getattr(raw, "_fp", None)
+        identity = resp.headers.get("Content-Encoding", "identity") == "identity"
+        if identity and hasattr(fp, "readinto"):
+            readinto = fp.readinto
         filled = 0
         total = len(view)
         try:
             while filled < total:
-                n = raw.readinto(view[filled:])
+                n = readinto(view[filled:])
                 if not n:
                     break
                 filled += n

@@ -44,7 +44,7 @@ class MountOptions:
     part_size: int = DEFAULT_PART_SIZE
     list_ttl: float = 10.0
     max_parallel: int = 8
-    max_readahead_parts: int = 8
+    max_readahead_parts: int = 16
     max_inflight_bytes: int = 256 << 20
     access_flush_seconds: float = 1.0
     uid: int = field(default_factory=os.getuid)
