@@ -1,15 +1,18 @@
 """Turns file reads into part fetches: one fetch per part, read-ahead, a byte budget.
 
-Lock ordering: ``PartFetcher._lock`` guards only the in-flight map, the
-verify-ahead set, the random-touch counts and the byte budget. It is never held while doing I/O or
-while waiting on a fetch, and no other lock is taken while it is held.
+Lock ordering: ``PartFetcher._lock`` guards only the in-flight and recent
+maps, the verify-ahead set, the random-touch counts and the byte budget. It
+is never held while doing I/O or while waiting on a fetch, and no other lock
+is taken while it is held.
 ``ObjectReader._lock`` guards one open file's read-ahead state and is never
 held across a fetch either.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import mmap
 import threading
 import time
 from collections.abc import Iterable
@@ -20,6 +23,7 @@ import cachetools
 
 from .cache import PartCache, PartId
 from .client import ObjectMeta, StoreClient
+from .durable import aligned_buffer
 from .errors import ChecksumError, PreconditionFailedError, StoreUnavailableError
 from .parts import part_bounds, part_count, parts_covering
 
@@ -64,11 +68,15 @@ class PartFetcher:
     writing it to the cache (write, fsync, index row) happens after, on a
     separate writer pool, so neither readers nor the next GETs wait on the
     disk. The part stays "in flight" (readers take it from memory, its bytes
-    count against the budget) until it is durable in the cache.
+    count against the budget) until it is durable in the cache. Parts are
+    written with O_DIRECT, so they do not land in the page cache: the last few
+    fetched parts stay in memory a while longer ("recent", a small fixed
+    share of the budget), which is where a streaming reader finds them.
 
     Read-ahead over parts already cached verifies them ahead of the reader
     (first use in this process: read and CRC-check), which also brings them
-    into the page cache, so a warm sequential read never waits on the disk.
+    into the page cache, or, once verified, asks the kernel to read them in
+    (``advise_willneed``), so a warm sequential read does not wait on the disk.
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class PartFetcher:
         *,
         max_parallel: int = 8,
         max_inflight_bytes: int = 256 << 20,
+        max_recent_bytes: int | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
@@ -85,6 +94,11 @@ class PartFetcher:
         self._lock = threading.Lock()
         self._inflight: dict[PartId, _Inflight] = {}
         self._inflight_bytes = 0
+        self._recent: collections.OrderedDict[PartId, _Inflight] = collections.OrderedDict()
+        self._recent_bytes = 0
+        self.max_recent_bytes = (
+            max_inflight_bytes // 8 if max_recent_bytes is None else max_recent_bytes
+        )
         self._verifying: set[PartId] = set()
         # Random reads per part not yet cached: a part touched twice is fetched whole.
         self._random_touches: cachetools.LRUCache[PartId, int] = cachetools.LRUCache(4096)
@@ -102,6 +116,8 @@ class PartFetcher:
             stranded = list(self._inflight.values())
             self._inflight.clear()
             self._inflight_bytes = 0
+            self._recent.clear()
+            self._recent_bytes = 0
         for entry in stranded:
             if not entry.data.done():
                 entry.data.set_exception(StoreUnavailableError("the mount is shutting down"))
@@ -121,13 +137,17 @@ class PartFetcher:
         """
         pid = ref.part_id(number)
         with self._lock:
+            recent = self._recent.get(pid)
             inflight = pid in self._inflight
-        if not inflight:
-            n = self.cache.read_into(pid, offset, view)
-            if n is not None:
-                return n
-        data = self.fetch(ref, number)
-        self.cache.touch(pid)
+        if recent is not None:
+            data = recent.data.result()
+        else:
+            if not inflight:
+                n = self.cache.read_into(pid, offset, view)
+                if n is not None:
+                    return n
+            data = self.fetch(ref, number)
+        self.cache.touch(pid, hit=recent is not None)
         chunk = data[offset : offset + len(view)]
         view[: len(chunk)] = chunk
         return len(chunk)
@@ -142,7 +162,7 @@ class PartFetcher:
         """
         pid = ref.part_id(number)
         with self._lock:
-            inflight = pid in self._inflight
+            inflight = pid in self._inflight or pid in self._recent
             touches = 0 if inflight else self._random_touches.get(pid, 0) + 1
             if touches:
                 self._random_touches[pid] = touches
@@ -207,7 +227,9 @@ class PartFetcher:
                 if pid in self._inflight or pid in self._verifying:
                     continue
             if self.cache.has(pid):
-                if not self.cache.is_verified(pid):
+                if self.cache.is_verified(pid):
+                    self.cache.advise_willneed(pid)
+                else:
                     with self._lock:
                         self._verifying.add(pid)
                     self._pool.submit(self._verify, pid)
@@ -249,7 +271,7 @@ class PartFetcher:
         pid = ref.part_id(number)
         start, length = part_bounds(ref.meta.size, ref.part_size, number)
         future = entry.data
-        to_store: bytearray | None = None
+        to_store: mmap.mmap | None = None
         try:
             if not future.set_running_or_notify_cancel():
                 return
@@ -258,7 +280,7 @@ class PartFetcher:
             if handle is not None:
                 future.set_result(memoryview(handle.pread(0, length)))
                 return
-            buf = bytearray(length)
+            buf = aligned_buffer(length)  # O_DIRECT-ready: see the class docstring
             self.client.get_range(
                 ref.meta.key, start, start + length - 1, if_match=ref.meta.etag, into=buf
             )
@@ -272,26 +294,33 @@ class PartFetcher:
             future.set_exception(exc)
         finally:
             if to_store is None:
-                self._settle(pid, entry)
+                self._settle(pid, entry, keep=False)
         if to_store is not None:
             try:
                 self._writer.submit(self._store, pid, entry, to_store)
             except RuntimeError:  # shutting down: the part is simply not cached
-                self._settle(pid, entry)
+                self._settle(pid, entry, keep=False)
 
-    def _store(self, pid: PartId, entry: _Inflight, data: bytearray) -> None:
+    def _store(self, pid: PartId, entry: _Inflight, data: mmap.mmap) -> None:
         try:
-            self.cache.store(pid, data)
+            self.cache.store(pid, memoryview(data))
         except Exception:
             log.exception("storing part %s in the cache failed", pid)
         finally:
-            self._settle(pid, entry)
+            self._settle(pid, entry, keep=True)
 
-    def _settle(self, pid: PartId, entry: _Inflight) -> None:
+    def _settle(self, pid: PartId, entry: _Inflight, *, keep: bool) -> None:
+        """The part is durable (or given up on): out of flight; with `keep`, into recent."""
         with self._lock:
             if self._inflight.get(pid) is entry:
                 del self._inflight[pid]
                 self._inflight_bytes -= entry.length
+                if keep and self.max_recent_bytes:
+                    self._recent[pid] = entry
+                    self._recent_bytes += entry.length
+                    while self._recent_bytes > self.max_recent_bytes:
+                        _, old = self._recent.popitem(last=False)
+                        self._recent_bytes -= old.length
         entry.settled.set()
 
 

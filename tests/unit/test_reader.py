@@ -533,13 +533,37 @@ def test_a_refused_cache_write_still_serves_the_reader(
     data = _payload(PART)
     client = FakeClient(data)
     monkeypatch.setattr(cache, "store", lambda pid, buf: False)
-    fetcher = make_fetcher(client)
+    fetcher = make_fetcher(client, max_recent_bytes=0)  # nothing kept in memory either
     ref = _ref(len(data))
     assert fetcher.read(ref, 0, 0, PART) == data
     _wait_idle(fetcher)
     assert not cache.has(ref.part_id(0))
     assert fetcher.read(ref, 0, 0, 10) == data[:10]  # fetched again, not lost
     assert len(client.calls) == 2
+
+
+def test_recently_fetched_parts_are_served_from_memory(
+    make_fetcher: Callable[..., PartFetcher], cache: PartCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _payload(4 * PART)
+    client = FakeClient(data)
+    fetcher = make_fetcher(client, max_recent_bytes=2 * PART)
+    ref = _ref(len(data))
+    for n in range(4):
+        fetcher.fetch(ref, n, durable=True)
+    assert all(cache.has(ref.part_id(n)) for n in range(4))
+    disk_reads: list[int] = []
+    real_read_into = cache.read_into
+
+    def counting_read_into(pid, offset, view):  # type: ignore[no-untyped-def]
+        disk_reads.append(pid.number)
+        return real_read_into(pid, offset, view)
+
+    monkeypatch.setattr(cache, "read_into", counting_read_into)
+    for n in range(4):
+        assert fetcher.read(ref, n, 10, 20) == data[n * PART + 10 : n * PART + 30]
+    assert disk_reads == [0, 1]  # the last two parts fetched were still in memory
+    assert len(client.calls) == 4
 
 
 def test_readahead_verifies_cached_parts_ahead_of_the_reader(
