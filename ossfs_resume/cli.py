@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a listing, and the sizes, mtimes and ETags in it, are trusted "
         "(stats come from listings, so one TTL covers both); 0 = always revalidate; 'never'",
     )
-    mount.add_argument("--max-parallel", type=int, default=8, help="parallel part fetches")
+    mount.add_argument(
+        "--max-parallel", type=int, default=16, help="parallel part fetches (default 16)"
+    )
     mount.add_argument(
         "--read-ahead-kb",
         type=int,

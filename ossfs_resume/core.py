@@ -43,9 +43,11 @@ class MountOptions:
     prefix: str = ""
     part_size: int = DEFAULT_PART_SIZE
     list_ttl: float = 10.0
-    max_parallel: int = 8
+    # 16 GETs, 16 parts of read-ahead: enough to fill a link with 20 ms of latency
+    # and per-connection caps; the byte budget bounds memory (peak RSS) whatever the file.
+    max_parallel: int = 16
     max_readahead_parts: int = 16
-    max_inflight_bytes: int = 256 << 20
+    max_inflight_bytes: int = 128 << 20
     access_flush_seconds: float = 1.0
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
