@@ -102,6 +102,8 @@ class PartRecord(NamedTuple):
 
 #: Index key of the byte total of all indexed parts.
 BYTES_KEY = "meta:bytes"
+#: Read size of checksum checks.
+CHECK_CHUNK = 1 << 20
 #: Temp files older than this are leftovers of a crash, not a write in progress.
 STALE_TEMP_SECONDS = 600
 
@@ -307,13 +309,21 @@ class PartCache:
         return handle
 
     def _check(self, handle: VerifiedPart, rec: PartRecord) -> bool:
-        # One reused buffer per thread: a fresh 8 MiB allocation per check costs page faults.
+        # Read in chunks into one small buffer per thread: whole-part buffers would cost
+        # page faults per check and, across the fetch pool, a lot of idle memory.
         buf = getattr(self._scratch, "buf", None)
-        if buf is None or len(buf) < rec.length + 1:
-            buf = self._scratch.buf = bytearray(rec.length + 1)
-        view = memoryview(buf)[: rec.length + 1]
-        n = handle.preadinto(0, view)
-        if n == rec.length and crc64(view[:n]) == rec.crc:
+        if buf is None:
+            buf = self._scratch.buf = memoryview(bytearray(CHECK_CHUNK))
+        crc = n = 0
+        while True:
+            got = handle.preadinto(n, buf)
+            if not got:
+                break
+            crc = crc64(buf[:got], crc)
+            n += got
+            if n > rec.length:
+                break
+        if n == rec.length and crc == rec.crc:
             return True
         log.warning(
             "cached part %s failed its checksum (%d bytes, expected %d); "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ossfs_resume.cache import PartCache, PartId, object_id
+from ossfs_resume.cache import CHECK_CHUNK, PartCache, PartId, object_id
 from ossfs_resume.checksum import crc64
 
 STORE = "s3+http://127.0.0.1:9000"
@@ -157,6 +157,24 @@ def test_intact_part_verifies_in_a_new_process(
     assert handle is not None and handle.pread(0, PART) == data
     rec = later.record(pid)
     assert rec is not None and (rec.length, rec.crc) == (PART, crc64(data))
+
+
+@pytest.mark.parametrize("flip", [None, CHECK_CHUNK + 5, 2 * CHECK_CHUNK + 99])
+def test_parts_larger_than_a_check_chunk_are_checked_whole(
+    cache: PartCache, reopen: Callable[[PartCache], PartCache], flip: int | None
+) -> None:
+    pid = _pid()
+    data = _data(2 * CHECK_CHUNK + 100)
+    cache.store(pid, data)
+    if flip is not None:
+        raw = bytearray(data)
+        raw[flip] ^= 0x80
+        cache.part_path(pid).write_bytes(raw)
+    handle = reopen(cache).open_verified(pid)
+    if flip is None:
+        assert handle is not None and handle.pread(0, len(data)) == data
+    else:
+        assert handle is None
 
 
 def test_missing_part_file_drops_row(
