@@ -7,13 +7,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from ossfs_resume.cache import PartCache, object_id
 from ossfs_resume.client import ObjectMeta
-from ossfs_resume.errors import PreconditionFailedError, StoreUnavailableError
+from ossfs_resume.errors import CacheWriteError, PreconditionFailedError, StoreUnavailableError
+from ossfs_resume.prefetch import prefetch_object
 from ossfs_resume.reader import ObjectReader, ObjectRef, PartFetcher
 
 PART = 1000
@@ -602,3 +604,19 @@ def test_readahead_verifies_cached_parts_ahead_of_the_reader(
     finally:
         fetcher.shutdown()
         later.close()
+
+
+def test_prefetch_of_a_file_the_cache_refuses_fails_with_one_clear_error(
+    cache: PartCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _payload(3 * PART)
+    client = FakeClient(data)
+    client.config = SimpleNamespace(store_id="s3+http://fake", bucket="bkt")  # type: ignore[attr-defined]
+    client.describe = lambda key: f"s3://bkt/{key}"  # type: ignore[attr-defined]
+    monkeypatch.setattr(cache, "store", lambda pid, buf: False)  # a full disk
+    meta = ObjectMeta(KEY, len(data), ETAG, 1_700_000_000.0)
+    with pytest.raises(CacheWriteError) as info:
+        prefetch_object(client, cache, meta, PART, threads=2)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message
+    assert "cannot write to the cache" in message and f"s3://bkt/{KEY}" in message
