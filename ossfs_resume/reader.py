@@ -11,6 +11,7 @@ held across a fetch either.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import mmap
 import threading
@@ -49,12 +50,13 @@ class ObjectRef:
 class _Inflight:
     """A part being fetched: its bytes (for readers), then its arrival in the cache."""
 
-    __slots__ = ("data", "length", "settled")
+    __slots__ = ("data", "last_read", "length", "settled")
 
     def __init__(self, length: int) -> None:
         self.data: Future[memoryview] = Future()
         self.length = length
         self.settled = threading.Event()  # stored in the cache, or given up on
+        self.last_read = 0  # when it was last served to a reader (a tick), 0: never
 
 
 class PartFetcher:
@@ -69,9 +71,11 @@ class PartFetcher:
     separate writer pool, so neither readers nor the next GETs wait on the
     disk. The part stays "in flight" (readers take it from memory, its bytes
     count against the budget) until it is durable in the cache. Parts are
-    written with O_DIRECT, so they do not land in the page cache: the last few
-    fetched parts stay in memory a while longer ("recent", a small fixed
-    share of the budget), which is where a streaming reader finds them.
+    written with O_DIRECT, so they do not land in the page cache: fetched parts
+    stay in memory ("recent") for as long as the budget has room, which is
+    where a streaming reader finds the parts read ahead for it. The budget
+    covers both: new fetches push out the oldest recent parts, so memory stays
+    within it however large the file.
 
     Read-ahead over parts already cached verifies them ahead of the reader
     (first use in this process: read and CRC-check), which also brings them
@@ -96,9 +100,8 @@ class PartFetcher:
         self._inflight_bytes = 0
         self._recent: collections.OrderedDict[PartId, _Inflight] = collections.OrderedDict()
         self._recent_bytes = 0
-        self.max_recent_bytes = (
-            max_inflight_bytes // 8 if max_recent_bytes is None else max_recent_bytes
-        )
+        self._ticks = itertools.count(1)  # orders reads, for evicting recent parts
+        self.max_recent_bytes = max_inflight_bytes if max_recent_bytes is None else max_recent_bytes
         self._verifying: set[PartId] = set()
         # Random reads per part not yet cached: a part touched twice is fetched whole.
         self._random_touches: cachetools.LRUCache[PartId, int] = cachetools.LRUCache(4096)
@@ -138,15 +141,18 @@ class PartFetcher:
         pid = ref.part_id(number)
         with self._lock:
             recent = self._recent.get(pid)
-            inflight = pid in self._inflight
-        if recent is not None:
-            data = recent.data.result()
-        else:
-            if not inflight:
-                n = self.cache.read_into(pid, offset, view)
-                if n is not None:
-                    return n
-            data = self.fetch(ref, number)
+            entry = recent or self._inflight.get(pid)
+            if entry is not None:
+                entry.last_read = next(self._ticks)
+        if entry is None:
+            n = self.cache.read_into(pid, offset, view)
+            if n is not None:
+                return n
+            entry, owner = self._claim(ref, number)
+            entry.last_read = next(self._ticks)
+            if owner:
+                self._run(ref, number, entry)
+        data = entry.data.result()
         self.cache.touch(pid, hit=recent is not None)
         chunk = data[offset : offset + len(view)]
         view[: len(chunk)] = chunk
@@ -238,7 +244,7 @@ class PartFetcher:
             with self._lock:
                 if pid in self._inflight:
                     continue
-                if self._inflight_bytes + length > self.max_inflight_bytes:
+                if not self._make_room(length):
                     break
                 entry = _Inflight(length)
                 self._inflight[pid] = entry
@@ -263,9 +269,27 @@ class PartFetcher:
             entry = self._inflight.get(pid)
             if entry is not None:
                 return entry, False
+            self._make_room(length)  # a reader's own fetch goes ahead regardless
             entry = self._inflight[pid] = _Inflight(length)
             self._inflight_bytes += length
             return entry, True
+
+    def _evict_recent(self) -> None:
+        """Drop one recent part: the least recently read, else the oldest never read (a
+        streaming reader has left the parts it read, and not reached those it has not).
+        Called with ``_lock`` held."""
+        read = [(e.last_read, pid) for pid, e in self._recent.items() if e.last_read]
+        victim = min(read, key=lambda item: item[0])[1] if read else next(iter(self._recent))
+        self._recent_bytes -= self._recent.pop(victim).length
+
+    def _make_room(self, length: int) -> bool:
+        """Push out the oldest recent parts until `length` more bytes fit the budget.
+        False if they cannot (the budget is all in flight). Called with ``_lock`` held."""
+        while self._recent and (
+            self._inflight_bytes + self._recent_bytes + length > self.max_inflight_bytes
+        ):
+            self._evict_recent()
+        return self._inflight_bytes + self._recent_bytes + length <= self.max_inflight_bytes
 
     def _run(self, ref: ObjectRef, number: int, entry: _Inflight) -> None:
         pid = ref.part_id(number)
@@ -319,8 +343,7 @@ class PartFetcher:
                     self._recent[pid] = entry
                     self._recent_bytes += entry.length
                     while self._recent_bytes > self.max_recent_bytes:
-                        _, old = self._recent.popitem(last=False)
-                        self._recent_bytes -= old.length
+                        self._evict_recent()
         entry.settled.set()
 
 
@@ -330,7 +353,10 @@ class ObjectReader:
     def __init__(self, fetcher: PartFetcher, ref: ObjectRef, *, max_readahead_parts: int = 8):
         self.fetcher = fetcher
         self.ref = ref
-        self.max_window = max(0, max_readahead_parts)
+        # Leave the budget room for the part being read and the one before it, so
+        # scheduling read-ahead never pushes them out of memory.
+        room = fetcher.max_inflight_bytes // ref.part_size - 2
+        self.max_window = max(0, min(max_readahead_parts, max(1, room)))
         self._lock = threading.Lock()
         self._next_offset = 0
         self._window = 0  # parts to keep in flight ahead of the reader

@@ -568,6 +568,34 @@ def test_recently_fetched_parts_are_served_from_memory(
     assert len(client.calls) == 4
 
 
+def test_the_budget_pushes_out_parts_already_read_before_parts_not_yet_read(
+    make_fetcher: Callable[..., PartFetcher],
+) -> None:
+    data = _payload(6 * PART)
+    client = FakeClient(data)
+    fetcher = make_fetcher(client, max_inflight_bytes=4 * PART)
+    ref = _ref(len(data))
+
+    def in_memory() -> list[int]:
+        with fetcher._lock:
+            return sorted(pid.number for pid in fetcher._recent)
+
+    for n in range(3):
+        fetcher.fetch(ref, n, durable=True)
+    assert in_memory() == [0, 1, 2]
+    fetcher.read(ref, 1, 0, PART)  # read part 1, then part 0: 1 is the least recently read
+    fetcher.read(ref, 0, 0, PART)
+    fetcher.fetch(ref, 3, durable=True)  # fits: 4 parts
+    assert in_memory() == [0, 1, 2, 3]
+    fetcher.fetch(ref, 4, durable=True)  # pushes out part 1, read longest ago
+    assert in_memory() == [0, 2, 3, 4]
+    fetcher.fetch(ref, 5, durable=True)  # then part 0; parts 2-4, never read, stay
+    assert in_memory() == [2, 3, 4, 5]
+    assert len(client.calls) == 6
+    for n in range(6):  # every byte still right, from memory or from the cache
+        assert fetcher.read(ref, n, 0, PART) == data[n * PART : (n + 1) * PART]
+
+
 def test_readahead_verifies_cached_parts_ahead_of_the_reader(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
