@@ -272,11 +272,15 @@ class PartCache:
         CRC-64 (which also brings it into the page cache); a part that fails is
         dropped so the caller fetches it again.
         """
+        handle = self._verified_handle(pid)
+        self._count("hits" if handle is not None else "misses")
+        return handle
+
+    def _verified_handle(self, pid: PartId) -> VerifiedPart | None:
         handle = self._open_handle(pid)
         if handle is None:
-            with self._verifying(pid):
+            with self._verifying(pid):  # the thread we waited for may have opened it
                 handle = self._open_handle(pid) or self._open_and_check(pid)
-        self._count("hits" if handle is not None else "misses")
         return handle
 
     def _open_and_check(self, pid: PartId) -> VerifiedPart | None:
@@ -341,10 +345,7 @@ class PartCache:
         starts the disk read without waiting for it and without copying a byte
         into this process.
         """
-        handle = self._open_handle(pid)
-        if handle is None:
-            with self._verifying(pid):  # verified before: reopening reads nothing
-                handle = self._open_handle(pid) or self._open_and_check(pid)
+        handle = self._verified_handle(pid)  # verified before: reopening reads nothing
         if handle is not None:
             with contextlib.suppress(OSError):
                 os.posix_fadvise(handle.file.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)

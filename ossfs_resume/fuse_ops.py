@@ -150,6 +150,8 @@ def run_mount(
             fi.keep_cache = 1 if self.core.keep_cache(fh) else 0  # type: ignore[union-attr]
             return 0
 
+        # mfusepy registers libfuse's read callback because this method exists;
+        # ZeroCopyFUSE below serves that callback through read_into instead.
         def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
             return self._call(self.core.read, fi.fh, size, offset)  # type: ignore[union-attr]
 
