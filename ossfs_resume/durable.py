@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -11,11 +12,20 @@ import os
 #: O_DIRECT needs buffer address, file offset and length aligned to the logical
 #: block size; a page covers every common device.
 DIRECT_ALIGN = mmap.PAGESIZE
+HUGE_PAGE = 2 << 20
 
 
 def aligned_buffer(length: int) -> mmap.mmap:
-    """A zero-filled, page-aligned buffer (anonymous memory, touched only as it is filled)."""
-    return mmap.mmap(-1, max(length, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    """A zero-filled, page-aligned buffer (anonymous memory, touched only as it is filled).
+
+    Asks for transparent huge pages: filling 1 GiB of fresh 4 KiB pages costs
+    262,144 page faults (about 0.6 CPU-seconds here), 2 MiB pages cost 512.
+    """
+    buf = mmap.mmap(-1, max(length, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if length >= HUGE_PAGE:
+        with contextlib.suppress(OSError, AttributeError):  # no THP: plain pages
+            buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
 
 
 def _aligned(view: memoryview) -> bool:
