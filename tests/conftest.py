@@ -89,8 +89,10 @@ def run_cli(
     )
 
 
-def _daemons_serving(path: str) -> list[int]:
-    """Pids of ossfs-resume mount daemons whose command line names `path`."""
+def daemon_pids(path: Path | str) -> list[int]:
+    """Pids of ossfs-resume mount daemons whose command line names mount point `path`
+    (``python -m ossfs_resume.cli mount ...`` or the ``ossfs-resume`` script)."""
+    path = str(path)
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -99,7 +101,7 @@ def _daemons_serving(path: str) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"mount" in argv and path.encode() in argv and any(b"ossfs" in a for a in argv[:2]):
+        if b"mount" in argv and path.encode() in argv and any(b"ossfs" in a for a in argv[:3]):
             pids.append(int(entry.name))
     return pids
 
@@ -108,7 +110,7 @@ def unmount(path: Path | str) -> None:
     """Unmount and wait for the daemon to exit: it finishes its cache writes after the
     kernel lets go of the mount point, and tests inspect the cache right after."""
     path = str(path)
-    daemons = _daemons_serving(path)
+    daemons = daemon_pids(path)
     for args in ([FUSERMOUNT, "-u", path], [FUSERMOUNT, "-u", "-z", path]):
         if not os.path.ismount(path):
             break

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mounter, md5_file, run_cli, store_env, unmount
+from conftest import Mounter, daemon_pids, md5_file, run_cli, store_env, unmount
 from local_store import LocalStore
 from netproxy import NetProxy, ProxyConfig
 
@@ -35,13 +35,9 @@ def _ranged_gets(proxy: NetProxy) -> list[str]:
 
 
 def _daemon_pid(mountpoint: Path) -> int:
-    out = subprocess.run(
-        ["pgrep", "-f", f"ossfs_resume.cli mount .* {mountpoint} "],
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    assert out, f"no daemon found for {mountpoint}"
-    return int(out[0])
+    pids = daemon_pids(mountpoint)
+    assert pids, f"no daemon found for {mountpoint}"
+    return pids[0]
 
 
 def test_kill_9_of_the_mount_during_parallel_reads_then_remount_reads_identical(
