@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from ossfs_resume.cache import PartCache
 
 #: Unit tests take well under a second; a hang (a deadlock, a read that never
 #: returns) becomes a failure after this long instead of stalling the run.
@@ -24,3 +27,13 @@ def watchdog() -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[PartCache]:
+    """A real part cache in a temp dir, closed after the test."""
+    c = PartCache(tmp_path / "cache")
+    try:
+        yield c
+    finally:
+        c.close()

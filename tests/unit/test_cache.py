@@ -28,15 +28,6 @@ def _data(length: int, seed: int = 1) -> bytes:
 
 
 @pytest.fixture
-def cache(tmp_path: Path) -> Iterator[PartCache]:
-    c = PartCache(tmp_path / "cache")
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture
 def reopen() -> Iterator[Callable[[PartCache], PartCache]]:
     """The same cache dir in a fresh instance: like the next process to use it.
 

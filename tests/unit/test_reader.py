@@ -85,15 +85,6 @@ class FakeClient:
             return sorted(c.start // PART for c in self.calls)
 
 
-@pytest.fixture
-def cache(tmp_path: Path) -> Iterator[PartCache]:
-    c = PartCache(tmp_path / "cache")
-    try:
-        yield c
-    finally:
-        c.close()
-
-
 def _ref(size: int, etag: str = ETAG) -> ObjectRef:
     meta = ObjectMeta(KEY, size, etag, 1_700_000_000.0)
     return ObjectRef(meta, object_id("s3+http://fake", "bkt", KEY, etag), PART)
