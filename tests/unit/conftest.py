@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socketserver
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from ossfs_resume.cache import PartCache
+
+Server = TypeVar("Server", bound=socketserver.BaseServer)
 
 #: Unit tests take well under a second; a hang (a deadlock, a read that never
 #: returns) becomes a failure after this long instead of stalling the run.
@@ -37,3 +43,16 @@ def cache(tmp_path: Path) -> Iterator[PartCache]:
         yield c
     finally:
         c.close()
+
+
+@contextlib.contextmanager
+def serving(srv: Server) -> Iterator[Server]:
+    """Run a socketserver in a thread for the duration of the block, then shut it down."""
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)

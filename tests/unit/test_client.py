@@ -45,6 +45,8 @@ from ossfs_resume.errors import (
 )
 from ossfs_resume.signing import Credentials
 
+from .conftest import serving
+
 BUCKET = "bkt"
 SECRET = "Sup3r-Secret/Value+="
 MTIME = 1_704_164_645.0  # 2024-01-02T03:04:05Z
@@ -306,16 +308,8 @@ def store() -> FakeStore:
 
 @pytest.fixture
 def server(store: FakeStore) -> Iterator[FakeStoreServer]:
-    srv = FakeStoreServer(store)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.daemon = True
-    thread.start()
-    try:
+    with serving(FakeStoreServer(store)) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 def _config(endpoint: str, **kwargs: Any) -> StoreConfig:
