@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,12 @@ import pytest
 
 from ossfs_resume.cache import PartCache, object_id
 from ossfs_resume.client import ObjectMeta
-from ossfs_resume.errors import CacheWriteError, PreconditionFailedError, StoreUnavailableError
+from ossfs_resume.errors import (
+    CacheWriteError,
+    ChecksumError,
+    PreconditionFailedError,
+    StoreUnavailableError,
+)
 from ossfs_resume.prefetch import prefetch_object
 from ossfs_resume.reader import ObjectReader, ObjectRef, PartFetcher
 
@@ -639,3 +645,16 @@ def test_prefetch_of_a_file_the_cache_refuses_fails_with_one_clear_error(
     message = str(info.value)
     assert "\n" not in message
     assert "cannot write to the cache" in message and f"s3://bkt/{KEY}" in message
+
+
+def test_a_cached_part_cut_short_under_the_reader_fails_the_read(
+    make_fetcher: Callable[..., PartFetcher], cache: PartCache
+) -> None:
+    _client, fetcher, reader, data = _setup_reader(
+        make_fetcher, 3, max_readahead_parts=0, max_recent_bytes=0
+    )
+    assert reader.read(0, 3 * PART) == data  # cached and verified: the handles stay open
+    assert fetcher.wait_idle(5)
+    os.truncate(cache.part_path(reader.ref.part_id(1)), PART // 2)
+    with pytest.raises(ChecksumError, match=r"part 1 .* ended after 500 bytes"):
+        reader.read(0, 3 * PART)  # never a short read that would look like the end of file
