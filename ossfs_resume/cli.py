@@ -7,6 +7,7 @@ anything is mounted or written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .client import StoreClient, StoreConfig, credentials_from_env, store_id
@@ -21,6 +23,9 @@ from .download import add_download_parser, cmd_download
 from .errors import OssfsError, UsageError
 from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
 from .progress import add_progress_option
+
+if TYPE_CHECKING:
+    from .cache import PartCache
 
 log = logging.getLogger("ossfs_resume")
 
@@ -218,7 +223,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cache_min_free = parse_size(args.cache_min_free) if args.cache_min_free else None
     cache_usable = True
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
         cache_usable = False  # the mount reads straight from the store, with a warning
     if not args.foreground and not args.log_file and cache_usable:
@@ -264,7 +269,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    from .cache import PartCache
     from .core import default_cache_dir
     from .prefetch import MountedSource, prefetch_object
     from .progress import ProgressReporter
@@ -292,8 +296,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
             )
             jobs.append((url, src_args, src.key, src.cache_dir, src.part_size))
     for url, store_args, key, cache_dir, part_size in jobs:
+        cache = _open_cache_for_command(cache_dir, repair=True)
         client = make_client(url, store_args, pool_size=args.threads)
-        cache = PartCache(cache_dir)
         try:
             meta = client.head(key)
             with ProgressReporter(key, mode=args.progress) as reporter:
@@ -320,8 +324,27 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
+def _open_cache_for_command(cache_dir: str | Path, *, repair: bool) -> PartCache:
+    """The cache for a command, or one clear error: a command needs a working cache."""
+    import sqlite3
+
     from .cache import PartCache
+
+    try:
+        cache = PartCache(cache_dir, repair=repair)
+    except NotADirectoryError:
+        raise UsageError(f"--cache-dir {cache_dir} is not a directory") from None
+    except (OSError, sqlite3.Error) as exc:
+        raise OssfsError(f"cannot use the cache at {cache_dir}: {exc}") from None
+    problem = cache.index_problem()
+    if problem:
+        cache.close()
+        raise OssfsError(f"cannot use the cache index at {cache_dir}: {problem}")
+    return cache
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import cache_exists
     from .core import default_cache_dir
     from .prefetch import MountedSource
 
@@ -343,11 +366,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
             objects.append((Path(src.cache_dir), sid, src.bucket, src.key))
     cache_dirs = {entry[0] for entry in objects} or {default_dir}
     for cache_dir in cache_dirs:
-        if not (cache_dir / "index").is_dir():
+        if not cache_exists(cache_dir):
             raise UsageError(f"no cache at {cache_dir}")
     status = 0
     for cache_dir in sorted(cache_dirs):
-        cache = PartCache(cache_dir)
+        # Maintenance never moves a damaged index aside: it says so and leaves it.
+        cache = _open_cache_for_command(cache_dir, repair=False)
         try:
             if args.cache_command == "stats":
                 for name, value in cache.stats().items():
@@ -382,6 +406,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
         root.removeHandler(handler)
     handler: logging.Handler
     if getattr(args, "log_file", None):
+        # The log names buckets, keys and ETags: readable by its owner only.
+        fd = os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            if os.stat(args.log_file).st_uid == os.geteuid():
+                os.chmod(args.log_file, 0o600)
         handler = logging.FileHandler(args.log_file)
         level = min(level, logging.INFO)
     else:

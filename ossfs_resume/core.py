@@ -20,7 +20,7 @@ from pathlib import Path
 
 import cachetools
 
-from .cache import PartCache
+from .cache import PartStore
 from .client import ObjectMeta, StoreClient
 from .errors import OssfsError, PreconditionFailedError
 from .namespace import Entry, Namespace
@@ -56,7 +56,7 @@ class MountOptions:
 
 
 class BucketFS:
-    def __init__(self, client: StoreClient, cache: PartCache, options: MountOptions) -> None:
+    def __init__(self, client: StoreClient, cache: PartStore, options: MountOptions) -> None:
         self.client = client
         self.cache = cache
         self.options = options
@@ -81,18 +81,15 @@ class BucketFS:
         self._housekeeper.start()
 
     def _housekeeping(self) -> None:
-        """Check the cache once at start, then flush access times every few seconds."""
-        try:
-            dropped = self.cache.check_consistency()
-            if dropped:
-                log.warning("dropped %d cache index rows whose data was missing", dropped)
-        except Exception:
-            log.exception("cache consistency check failed")
+        """Start the cache's check in the background, then every second or so: notice a
+        cache dir removed under us, flush access times, let go of evicted parts."""
+        self.cache.check_consistency(background=True)
         while not self._stop.wait(self.options.access_flush_seconds):
             try:
+                self.cache.check_health()
                 self.cache.flush_access()
-            except Exception:
-                log.exception("flushing cache access times failed")
+            except Exception as exc:  # the cache turns its faults into outages; be sure
+                log.warning("cache housekeeping failed: %s", exc)
 
     def close(self) -> None:
         self._stop.set()

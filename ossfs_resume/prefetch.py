@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from .cache import PartCache
+from .cache import PartStore
 from .client import ObjectMeta, StoreClient
 from .errors import CacheWriteError, UsageError
 from .parts import part_bounds
@@ -40,7 +40,7 @@ class PrefetchResult:
 
 def prefetch_object(
     client: StoreClient,
-    cache: PartCache,
+    cache: PartStore,
     meta: ObjectMeta,
     part_size: int,
     *,
@@ -74,9 +74,12 @@ def prefetch_object(
     def fetch(number: int) -> int:
         nonlocal consumed
         fetcher.fetch(ref, number, durable=True)
-        if not cache.has(ref.part_id(number)):
+        # A part evicted again by a concurrent eviction is not a fault (the cache is
+        # smaller than what is being put in it); a disk or index that refuses is.
+        refused = None if cache.has(ref.part_id(number)) else cache.writes_refused()
+        if refused:
             raise CacheWriteError(
-                f"cannot write to the cache at {cache.root} (see the warning above); "
+                f"cannot write to the cache at {cache.root} ({refused}); "
                 f"prefetch of {client.describe(meta.key)} stopped"
             )
         length = part_bounds(meta.size, part_size, number)[1]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import cachetools
 
-from .cache import PartCache, PartId
+from .cache import PartId, PartStore
 from .client import ObjectMeta, StoreClient
 from .durable import aligned_buffer
 from .errors import ChecksumError, PreconditionFailedError, StoreUnavailableError
@@ -86,7 +86,7 @@ class PartFetcher:
     def __init__(
         self,
         client: StoreClient,
-        cache: PartCache,
+        cache: PartStore,
         *,
         max_parallel: int = 8,
         max_inflight_bytes: int = 256 << 20,

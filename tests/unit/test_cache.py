@@ -217,13 +217,13 @@ def test_verified_handle_is_reused(cache: PartCache) -> None:
 def _count_checks(monkeypatch: pytest.MonkeyPatch, cache: PartCache) -> list[PartId]:
     """Record every full checksum read `cache` does (its first-use verification)."""
     checked: list[PartId] = []
-    real = cache._check
+    real = cache.files.check
 
     def counting(handle, rec):  # type: ignore[no-untyped-def]
         checked.append(handle.file.name)
         return real(handle, rec)
 
-    monkeypatch.setattr(cache, "_check", counting)
+    monkeypatch.setattr(cache.files, "check", counting)
     return checked
 
 
@@ -372,7 +372,7 @@ def test_store_under_a_regular_file_fails_with_one_warning(
 ) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    cache.parts_dir = blocker / "parts"  # mkdir fails even for root
+    cache.files.dir = blocker / "parts"  # mkdir fails even for root
     caplog.set_level(logging.WARNING)
     assert cache.store(_pid(0), b"abc") is False
     assert cache.store(_pid(1), b"def") is False
@@ -459,22 +459,24 @@ def test_reopened_cache_keeps_parts(tmp_path: Path) -> None:
         reopened.close()
 
 
-def test_an_index_that_cannot_be_opened_is_moved_aside(
+def test_a_damaged_index_is_moved_aside_and_its_parts_swept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = PartCache(tmp_path)
     pid = PartId("ab" * 32, 1 << 20, 0)
     assert first.store(pid, b"x" * 1000)
     first.close()
-    db = tmp_path / "index" / "cache.db"
+    db = tmp_path / "index.db"
     db.write_bytes(b"this is not a SQLite database" * 100)
-    for extra in tmp_path.joinpath("index").glob("cache.db-*"):
+    for extra in tmp_path.glob("index.db-*"):
         extra.unlink()
     with caplog.at_level(logging.WARNING, logger="ossfs_resume.cache"):
         fresh = PartCache(tmp_path)
-    assert "cannot be opened" in caplog.text
+    assert "is damaged" in caplog.text
     assert list(tmp_path.glob("index.broken-*")), "the broken index was not kept aside"
     assert fresh.record(pid) is None  # starts empty, never serves unindexed data
+    fresh.check_consistency()  # the orphaned part file goes
+    assert not fresh.part_path(pid).exists()
     assert fresh.store(pid, b"y" * 1000)
     assert fresh.read(pid, 0, 3) == b"yyy"
     fresh.close()

@@ -609,9 +609,9 @@ def test_readahead_verifies_cached_parts_ahead_of_the_reader(
 
     later = PartCache(tmp_path / "c")  # a remount: nothing verified in this process yet
     checked: list[str] = []
-    real_check = later._check
+    real_check = later.files.check
     monkeypatch.setattr(
-        later, "_check", lambda h, rec: checked.append(h.file.name) or real_check(h, rec)
+        later.files, "check", lambda h, rec: checked.append(h.file.name) or real_check(h, rec)
     )
     fetcher = PartFetcher(client, later)  # type: ignore[arg-type]
     try:
@@ -653,8 +653,9 @@ def test_a_cached_part_cut_short_under_the_reader_fails_the_read(
     _client, fetcher, reader, data = _setup_reader(
         make_fetcher, 3, max_readahead_parts=0, max_recent_bytes=0
     )
-    assert reader.read(0, 3 * PART) == data  # cached and verified: the handles stay open
+    assert reader.read(0, 3 * PART) == data  # fetched and stored
     assert fetcher.wait_idle(5)
+    assert reader.read(0, 3 * PART) == data  # served from the cache: the handles stay open
     os.truncate(cache.part_path(reader.ref.part_id(1)), PART // 2)
     with pytest.raises(ChecksumError, match=r"part 1 .* ended after 500 bytes"):
         reader.read(0, 3 * PART)  # never a short read that would look like the end of file
