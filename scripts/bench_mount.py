@@ -19,7 +19,8 @@ Metrics (page cache dropped before each read):
 3. after a remount with the same cache dir (MB/s);
 4. 200 random 64 KiB ``pread``s at seeded offsets, fresh cache (mean ms per read);
 5. ``os.walk`` + ``os.stat`` of a tree of 2,000 small objects, fresh mount (s);
-6. the mount daemon's peak VmRSS while ``dd`` streams a 4 GiB object (MiB; ``--skip-rss``).
+6. small files: every object of that tree read whole by 16 threads, fresh mount (files/s);
+7. the mount daemon's peak VmRSS while ``dd`` streams a 4 GiB object (MiB; ``--skip-rss``).
 
 ``--latency-ms`` / ``--rate-mbps`` put ``scripts/netproxy.py`` (in a subprocess) between every
 client and the store, to emulate a remote store with a per-connection bandwidth cap.
@@ -95,16 +96,18 @@ LABELS = {
     FSSPEC: "fsspec fuse + s3fs blockcache",
     CURL: "plain GET with curl",
 }
-METRICS = ("cold", "warm", "remount", "random_ms", "walk_s", "rss_mib")
+METRICS = ("cold", "warm", "remount", "random_ms", "walk_s", "small_fps", "rss_mib")
 HEADERS = {
     "cold": "cold seq MB/s",
     "warm": "warm (disk cache) MB/s",
     "remount": "after remount MB/s",
     "random_ms": "random 64 KiB read, ms",
     "walk_s": "walk+stat 2,000 objects, s",
+    "small_fps": "small files, 16 threads, files/s",
     "rss_mib": "peak RSS MiB",
 }
-HIGHER_IS_BETTER = {"cold", "warm", "remount"}
+HIGHER_IS_BETTER = {"cold", "warm", "remount", "small_fps"}
+SMALL_THREADS = 16
 
 # Child programs: timed inside a child process so that a stuck FUSE read can be killed.
 WALK_CODE = r"""
@@ -117,6 +120,21 @@ for dirpath, _dirs, files in os.walk(root):
         os.stat(os.path.join(dirpath, name))
         n += 1
 print(json.dumps({"seconds": time.perf_counter() - t0, "files": n}))
+"""
+
+SMALL_CODE = r"""
+import json, os, sys, time
+from concurrent.futures import ThreadPoolExecutor
+root, threads = sys.argv[1], int(sys.argv[2])
+paths = [os.path.join(d, n) for d, _s, files in os.walk(root) for n in files]
+def read(path):
+    with open(path, "rb") as f:
+        return len(f.read())
+t0 = time.perf_counter()
+with ThreadPoolExecutor(threads) as pool:
+    total = sum(pool.map(read, paths))
+seconds = time.perf_counter() - t0
+print(json.dumps({"files_per_s": len(paths) / seconds, "files": len(paths), "bytes": total}))
 """
 
 RANDOM_CODE = r"""
@@ -297,6 +315,12 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # system -> why it was dropped
     checked: set[str] = field(default_factory=set)
+
+    @property
+    def metrics(self) -> set[str]:
+        """The metrics this run measures (``--metrics``, less RSS with ``--skip-rss``)."""
+        chosen = set(self.args.metrics.split(","))
+        return chosen - {"rss_mib"} if self.args.skip_rss else chosen
 
     def record(self, system: str, metric: str, value: float) -> None:
         self.results.setdefault(system, {}).setdefault(metric, []).append(value)
@@ -534,6 +558,17 @@ def walk_stat(b: Bench, m: Mount) -> float:
     return float(out["seconds"])
 
 
+def small_files(b: Bench, m: Mount) -> float:
+    """Read every object of the tree whole with 16 threads (the walk listing it is timed
+    too: a fresh mount has to list the tree to find the files)."""
+    drop_caches()
+    out = child_json(b, SMALL_CODE, [str(m.mountpoint / TREE_PREFIX), str(SMALL_THREADS)], m)
+    want = TREE_SHAPE[0] * TREE_SHAPE[1] * TREE_SHAPE[2]
+    if out["files"] != want:
+        raise BenchError(f"small-files read found {out['files']} files, expected {want}")
+    return float(out["files_per_s"])
+
+
 def random_reads(b: Bench, m: Mount) -> float:
     drop_caches()
     argv = [str(m.mountpoint / BIG_KEY), str(b.big_src), str(b.args.seed)]
@@ -600,6 +635,8 @@ def curl_get(b: Bench) -> float:
 
 def step(b: Bench, system: str, metric: str, fn: Callable[[], float]) -> None:
     """Run one measurement; a failure is noted and the run goes on."""
+    if metric not in b.metrics:
+        return
     try:
         value = fn()
     except BenchError as e:
@@ -617,6 +654,7 @@ def run_system_rep(b: Bench, system: str, rep: int) -> None:
     root = b.workdir / "mnt"
     caches = b.workdir / "cache"
     tag = f"{system}-r{rep}"
+    wanted = b.metrics
     try:
         # 1-3: cold, warm, then remount with the same cache dir.
         cache = fresh_dir(caches / f"{tag}-seq")
@@ -627,17 +665,25 @@ def run_system_rep(b: Bench, system: str, rep: int) -> None:
                 b.checked.add(system)
             step(b, system, "cold", lambda: dd_read(b, m.mountpoint / BIG_KEY, big, m))
             step(b, system, "warm", lambda: dd_read(b, m.mountpoint / BIG_KEY, big, m))
-        with mounted(b, system, mnt, cache, f"{tag}-remount") as m:
-            step(b, system, "remount", lambda: dd_read(b, m.mountpoint / BIG_KEY, big, m))
+        if "remount" in wanted:
+            with mounted(b, system, mnt, cache, f"{tag}-remount") as m:
+                step(b, system, "remount", lambda: dd_read(b, m.mountpoint / BIG_KEY, big, m))
         shutil.rmtree(cache, ignore_errors=True)
         # 4-5: a fresh mount and cache: walk+stat, then random reads.
-        cache = fresh_dir(caches / f"{tag}-rand")
-        with mounted(b, system, root / f"{tag}-rand", cache, f"{tag}-rand") as m:
-            step(b, system, "walk_s", lambda: walk_stat(b, m))
-            step(b, system, "random_ms", lambda: random_reads(b, m))
-        shutil.rmtree(cache, ignore_errors=True)
+        if wanted & {"walk_s", "random_ms"}:
+            cache = fresh_dir(caches / f"{tag}-rand")
+            with mounted(b, system, root / f"{tag}-rand", cache, f"{tag}-rand") as m:
+                step(b, system, "walk_s", lambda: walk_stat(b, m))
+                step(b, system, "random_ms", lambda: random_reads(b, m))
+            shutil.rmtree(cache, ignore_errors=True)
+        # 6: small files, on a fresh mount and cache.
+        if "small_fps" in wanted:
+            cache = fresh_dir(caches / f"{tag}-small")
+            with mounted(b, system, root / f"{tag}-small", cache, f"{tag}-small") as m:
+                step(b, system, "small_fps", lambda: small_files(b, m))
+            shutil.rmtree(cache, ignore_errors=True)
         # 6: peak RSS while streaming the big RSS object.
-        if not b.args.skip_rss:
+        if not b.args.skip_rss and "rss_mib" in wanted:
             cache = fresh_dir(caches / f"{tag}-rss")
             with mounted(b, system, root / f"{tag}-rss", cache, f"{tag}-rss") as m:
                 step(b, system, "rss_mib", lambda: peak_rss(b, m))
@@ -811,7 +857,7 @@ def medians(b: Bench) -> dict[str, dict[str, float]]:
 
 def render(b: Bench, systems: list[str], wall: float, header: list[str]) -> str:
     med = medians(b)
-    metrics = [m for m in METRICS if not (m == "rss_mib" and b.args.skip_rss)]
+    metrics = [m for m in METRICS if m in b.metrics]
     lines = [*header, ""]
     lines.append("| system | " + " | ".join(HEADERS[m] for m in metrics) + " |")
     lines.append("|---" * (len(metrics) + 1) + "|")
@@ -872,12 +918,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-workdir", action="store_true", help="do not remove a temp workdir")
     p.add_argument("--out", default="bench-results/mount.md", help="Markdown output file")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma-separated subset")
+    p.add_argument(
+        "--metrics",
+        default=",".join(METRICS),
+        help="comma-separated subset of: " + ", ".join(METRICS),
+    )
     p.add_argument("--fsspec-python", help="a Python with fsspec, s3fs and fusepy")
     p.add_argument("--op-timeout", type=float, default=300, help="seconds per read step")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.reps < 1 or args.size <= RAND_SIZE or args.rss_size < 1:
         p.error("--reps must be >= 1 and --size > 64 KiB")
+    unknown = set(args.metrics.split(",")) - set(METRICS)
+    if unknown:
+        p.error(f"unknown metrics: {', '.join(sorted(unknown))}")
     return args
 
 
