@@ -88,6 +88,28 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", help="write logs here (background mounts log nowhere else)")
 
 
+def _cache_limit_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-size",
+        help="cache size limit, e.g. 20G (> 0); stored with the cache and shared by every "
+        "process using it (default: the stored limit, else 10%% of the cache's disk)",
+    )
+    parser.add_argument(
+        "--cache-min-free",
+        help="free space to leave on the cache's disk, stored like --cache-size "
+        "(default: 5%%, <= 4G)",
+    )
+
+
+def cache_limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """(--cache-size, --cache-min-free) in bytes, None where not given."""
+    size = parse_size(args.cache_size) if args.cache_size else None
+    if size is not None and size <= 0:
+        raise UsageError(f"bad --cache-size {args.cache_size!r}: must be more than 0")
+    floor = parse_size(args.cache_min_free) if args.cache_min_free else None
+    return size, floor
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ossfs-resume",
@@ -121,12 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="kernel read-ahead for the mount (needs root; 0 keeps the kernel's 128)",
     )
-    mount.add_argument(
-        "--cache-size", help="cache size limit, e.g. 20G (default: 10%% of the cache's disk)"
-    )
-    mount.add_argument(
-        "--cache-min-free", help="free space to leave on the cache's disk (default: 5%%, <= 4G)"
-    )
+    _cache_limit_args(mount)
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     _common_args(mount)
 
@@ -142,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--part-size", default=str(DEFAULT_PART_SIZE), help="part size for oss:// targets"
     )
     prefetch.add_argument("--threads", type=int, default=8, help="parallel part fetches")
+    _cache_limit_args(prefetch)
     add_progress_option(prefetch)
     _common_args(prefetch)
 
@@ -219,8 +237,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         probe.check_access(prefix)
     finally:
         probe.close()
-    cache_size = parse_size(args.cache_size) if args.cache_size else None
-    cache_min_free = parse_size(args.cache_min_free) if args.cache_min_free else None
+    cache_size, cache_min_free = cache_limits(args)
     cache_usable = True
     try:
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -295,8 +312,11 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
                 anonymous=src.anonymous,
             )
             jobs.append((url, src_args, src.key, src.cache_dir, src.part_size))
+    cache_size, cache_min_free = cache_limits(args)
     for url, store_args, key, cache_dir, part_size in jobs:
-        cache = _open_cache_for_command(cache_dir, repair=True)
+        cache = _open_cache_for_command(
+            cache_dir, repair=True, max_bytes=cache_size, min_free_bytes=cache_min_free
+        )
         client = make_client(url, store_args, pool_size=args.threads)
         try:
             meta = client.head(key)
@@ -324,14 +344,22 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_cache_for_command(cache_dir: str | Path, *, repair: bool) -> PartCache:
+def _open_cache_for_command(
+    cache_dir: str | Path,
+    *,
+    repair: bool,
+    max_bytes: int | None = None,
+    min_free_bytes: int | None = None,
+) -> PartCache:
     """The cache for a command, or one clear error: a command needs a working cache."""
     import sqlite3
 
     from .cache import PartCache
 
     try:
-        cache = PartCache(cache_dir, repair=repair)
+        cache = PartCache(
+            cache_dir, repair=repair, max_bytes=max_bytes, min_free_bytes=min_free_bytes
+        )
     except NotADirectoryError:
         raise UsageError(f"--cache-dir {cache_dir} is not a directory") from None
     except (OSError, sqlite3.Error) as exc:
