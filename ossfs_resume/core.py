@@ -1,7 +1,12 @@
 """The mounted filesystem without FUSE: paths in, stat dicts and bytes out.
 
 Like a MountSource: everything a mount does is testable without mounting.
-The FUSE adapter (fuse_ops.py) only translates calls and errors.
+The FUSE adapter (fuse_ops.py) only translates calls and errors, and logs
+failures: the core raises :class:`FsError` with the whole story in its message
+and logs only what it handles itself (degraded but working).
+
+Degraded mode: a file whose cache bookkeeping fails at open is read straight
+from the store.
 
 Concurrency: ``_lock`` guards the open-file table only.
 """
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import cachetools
 
-from .cache import PartCache
+from .cache import PartCache, UncachedParts, object_id
 from .client import ObjectMeta, StoreClient
 from .errors import OssfsError, PreconditionFailedError
 from .namespace import Entry, Namespace
@@ -32,10 +37,21 @@ log = logging.getLogger(__name__)
 
 
 class FsError(OSError):
-    """An errno for the FUSE layer to return."""
+    """An errno for the FUSE layer to return.
 
-    def __init__(self, code: int, message: str = "") -> None:
+    `failure` marks a store or cache failure, which the adapter logs (once, with
+    the operation and path); without it the errno is a plain answer (ENOENT for a
+    name that is not there, EROFS, ...) and nothing is logged.
+    """
+
+    def __init__(self, code: int, message: str = "", *, failure: bool = False) -> None:
         super().__init__(code, message or os.strerror(code))
+        self.failure = failure
+
+    @classmethod
+    def of(cls, exc: OssfsError) -> FsError:
+        """The store or cache failure `exc`, as its errno."""
+        return cls(exc.errno, str(exc), failure=True)
 
 
 @dataclass
@@ -73,6 +89,8 @@ class BucketFS:
         self._last_etag: cachetools.LRUCache[str, str] = cachetools.LRUCache(maxsize=65536)
         self._keep: dict[int, bool] = {}
         self._fh = itertools.count(1)
+        # Reads around a cache whose bookkeeping failed; made on first need.
+        self._direct: PartFetcher | None = None
         self._mounted_at = time.time()
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(
@@ -86,20 +104,30 @@ class BucketFS:
             dropped = self.cache.check_consistency()
             if dropped:
                 log.warning("dropped %d cache index rows whose data was missing", dropped)
-        except Exception:
-            log.exception("cache consistency check failed")
+        except Exception as exc:
+            _log_failure("the cache consistency check failed", exc)
+        failing = False
         while not self._stop.wait(self.options.access_flush_seconds):
             try:
                 self.cache.flush_access()
-            except Exception:
-                log.exception("flushing cache access times failed")
+                failing = False
+            except Exception as exc:
+                # Once per run of failures: a broken disk must not log every second.
+                if not failing:
+                    _log_failure("flushing cache access times failed", exc)
+                failing = True
 
     def close(self) -> None:
         self._stop.set()
         self._housekeeper.join(timeout=10)
-        self.fetcher.shutdown()
-        self.cache.close()
-        self.client.close()
+        # Each step on its own: a broken cache must not leave the client open.
+        fetchers = [self.fetcher] if self._direct is None else [self.fetcher, self._direct]
+        steps = [*(f.shutdown for f in fetchers), self.cache.close, self.client.close]
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                _log_failure(f"closing the mount: {step.__qualname__} failed", exc)
 
     # -- metadata ---------------------------------------------------------
 
@@ -107,8 +135,7 @@ class BucketFS:
         try:
             entry = self.namespace.lookup(path)
         except OssfsError as exc:
-            log.warning("lookup %s: %s", path, exc)
-            raise FsError(exc.errno, str(exc)) from None
+            raise FsError.of(exc) from exc
         if entry is None:
             raise FsError(errno.ENOENT)
         return entry
@@ -141,8 +168,7 @@ class BucketFS:
         try:
             names = list(self.namespace.listdir(path))
         except OssfsError as exc:
-            log.warning("readdir %s: %s", path, exc)
-            raise FsError(exc.errno, str(exc)) from None
+            raise FsError.of(exc) from exc
         return [".", "..", *names]
 
     def statfs(self) -> dict[str, int]:
@@ -173,25 +199,47 @@ class BucketFS:
             raise FsError(errno.EISDIR)
         meta = ObjectMeta(entry.key, entry.size, entry.etag, entry.mtime)
         if not meta.etag:
-            meta = self.client.head(entry.key)
-        oid = self.cache.note_version(
-            self.client.config.store_id,
-            self.client.config.bucket,
-            meta.key,
-            meta.etag,
-            meta.size,
-            self.options.part_size,
-        )
+            try:
+                meta = self.client.head(entry.key)
+            except OssfsError as exc:
+                raise FsError.of(exc) from exc
+        cfg = self.client.config
+        fetcher = self.fetcher
+        try:
+            oid = self.cache.note_version(
+                cfg.store_id, cfg.bucket, meta.key, meta.etag, meta.size, self.options.part_size
+            )
+        except Exception as exc:
+            # The cache's bookkeeping failed, not the file: read it around the cache.
+            log.warning(
+                "open %s: the part cache failed (%s: %s); reading the file straight from the store",
+                path,
+                type(exc).__name__,
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            oid = object_id(cfg.store_id, cfg.bucket, meta.key, meta.etag)
+            fetcher = self._direct_fetcher(exc)
         ref = ObjectRef(meta, oid, self.options.part_size)
-        reader = ObjectReader(
-            self.fetcher, ref, max_readahead_parts=self.options.max_readahead_parts
-        )
+        reader = ObjectReader(fetcher, ref, max_readahead_parts=self.options.max_readahead_parts)
         with self._lock:
             fh = next(self._fh)
             self._open[fh] = reader
             self._keep[fh] = self._last_etag.get(meta.key) == meta.etag
             self._last_etag[meta.key] = meta.etag
         return fh
+
+    def _direct_fetcher(self, reason: Exception) -> PartFetcher:
+        """A fetcher that bypasses the cache (for files whose cache bookkeeping failed)."""
+        with self._lock:
+            if self._direct is None:
+                self._direct = PartFetcher(
+                    self.client,
+                    UncachedParts(self.cache.root, f"{type(reason).__name__}: {reason}"),
+                    max_parallel=self.options.max_parallel,
+                    max_inflight_bytes=self.options.max_inflight_bytes,
+                )
+            return self._direct
 
     def keep_cache(self, fh: int) -> bool:
         """True if the kernel may keep this file's page cache: same ETag as at its last open.
@@ -217,22 +265,22 @@ class BucketFS:
         size = len(view)
         try:
             return reader.read_into(offset, view)
-        except PreconditionFailedError:
+        except PreconditionFailedError as exc:
             ref = reader.ref
-            log.error(
-                "read %s at %d: the object changed since it was opened (ETag %s); "
-                "failing the read rather than mixing versions",
-                ref.meta.key,
-                offset,
-                ref.meta.etag,
-            )
             # That version is gone from the store: forget its parts and its listing.
-            self.cache.drop_object(ref.object_id, ref.meta.size, [ref.part_size])
             self.namespace.invalidate(_parent(ref.meta.key, self.options.prefix))
-            raise FsError(errno.EIO) from None
+            try:
+                self.cache.drop_object(ref.object_id, ref.meta.size, [ref.part_size])
+            except Exception as drop_exc:
+                _log_failure("dropping the cached parts of a changed object failed", drop_exc)
+            raise FsError(
+                errno.EIO,
+                f"at {offset}: the object changed since it was opened (ETag {ref.meta.etag}); "
+                "failing the read rather than mixing versions",
+                failure=True,
+            ) from exc
         except OssfsError as exc:
-            log.error("read %s at %d+%d: %s", reader.ref.meta.key, offset, size, exc)
-            raise FsError(errno.EIO) from None
+            raise FsError(errno.EIO, f"at {offset}+{size}: {exc}", failure=True) from exc
 
     def getxattr(self, path: str, name: str) -> bytes:
         """SOURCE_XATTR names a file's store, key and cache, so `prefetch PATH` can fill it."""
@@ -260,6 +308,13 @@ class BucketFS:
         with self._lock:
             self._open.pop(fh, None)
             self._keep.pop(fh, None)
+
+
+def _log_failure(what: str, exc: Exception) -> None:
+    """One line; the traceback only when debugging."""
+    log.warning(
+        "%s: %s: %s", what, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG)
+    )
 
 
 def _parent(key: str, prefix: str) -> str:
