@@ -5,10 +5,11 @@ The FUSE adapter (fuse_ops.py) only translates calls and errors, and logs
 failures: the core raises :class:`FsError` with the whole story in its message
 and logs only what it handles itself (degraded but working).
 
-Degraded mode: a file whose cache bookkeeping fails at open is read straight
-from the store.
+Degraded modes: a file whose cache bookkeeping fails at open is read straight
+from the store; while the store is unreachable, files are opened from the last
+listing and their cached parts served (uncached parts fail fast with EIO).
 
-Concurrency: ``_lock`` guards the open-file table only.
+Concurrency: ``_lock`` guards the open-file table and the warned-path set only.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class BucketFS:
         self._last_etag: cachetools.LRUCache[str, str] = cachetools.LRUCache(maxsize=65536)
         self._keep: dict[int, bool] = {}
         self._fh = itertools.count(1)
+        # Files opened offline since the store was last reachable: warned about once.
+        self._offline_warned: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
         # Reads around a cache whose bookkeeping failed; made on first need.
         self._direct: PartFetcher | None = None
         self._mounted_at = time.time()
@@ -203,6 +206,7 @@ class BucketFS:
                 meta = self.client.head(entry.key)
             except OssfsError as exc:
                 raise FsError.of(exc) from exc
+        self._warn_if_offline(path, meta)
         cfg = self.client.config
         fetcher = self.fetcher
         try:
@@ -228,6 +232,25 @@ class BucketFS:
             self._keep[fh] = self._last_etag.get(meta.key) == meta.etag
             self._last_etag[meta.key] = meta.etag
         return fh
+
+    def _warn_if_offline(self, path: str, meta: ObjectMeta) -> None:
+        """One warning per file opened from a listing kept because the store is unreachable."""
+        name = path.strip("/")
+        age = self.namespace.offline_age(name.rpartition("/")[0])
+        with self._lock:
+            if age is None:
+                self._offline_warned.pop(name, None)  # online: a later outage warns again
+                return
+            if name in self._offline_warned:
+                return
+            self._offline_warned[name] = True
+        log.warning(
+            "store unreachable; serving /%s offline: version %s from the listing of %.0f s ago, "
+            "its cached parts only",
+            name,
+            meta.etag,
+            age,
+        )
 
     def _direct_fetcher(self, reason: Exception) -> PartFetcher:
         """A fetcher that bypasses the cache (for files whose cache bookkeeping failed)."""
