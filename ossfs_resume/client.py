@@ -8,8 +8,9 @@ a Range header would otherwise hand back the wrong bytes silently.
 Once a request has found the store unreachable (connection failures or
 timeouts through every retry), the client fails further requests at once for
 ``down_latch`` seconds instead of letting each wait through its own retries;
-after that, requests probe the store with a single attempt until one is
-answered, so reads recover as soon as the store is back.
+after that, one request per window probes the store with a single attempt
+(the others still fail at once) until one is answered, so reads recover soon
+after the store is back.
 """
 
 from __future__ import annotations
@@ -315,21 +316,24 @@ class StoreClient:
     # -- internals --------------------------------------------------------
 
     def _fail_if_down(self, key: str) -> bool:
-        """Raise at once while the latch holds; True if the store is down but may be probed."""
+        """Raise at once while the latch holds; True if this request is to probe the store."""
         if self._down_since is None:  # the common case, without the lock
             return False
         with self._down_lock:
             since, until, reason = self._down_since, self._down_until, self._down_reason
-        if since is None:
-            return False
-        now = self._clock()
-        if now < until:
-            raise StoreUnavailableError(
-                f"cannot reach {self.config.endpoint}: {reason} ({now - since:.1f} s ago; "
-                f"next try in {until - now:.1f} s)",
-                key=key,
-            )
-        return True
+            if since is None:
+                return False
+            now = self._clock()
+            if now >= until:
+                # This request probes; the others keep failing at once meanwhile, so a
+                # hung store costs one timeout per window, not one per waiting request.
+                self._down_until = now + self.config.down_latch
+                return True
+        raise StoreUnavailableError(
+            f"cannot reach {self.config.endpoint}: {reason} (down for {now - since:.1f} s; "
+            f"next probe in {until - now:.1f} s)",
+            key=key,
+        )
 
     def _mark_down(self, reason: str) -> None:
         if self.config.down_latch <= 0:

@@ -14,7 +14,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -515,10 +515,14 @@ class _Outage:
         self.real = client._session.request
         self.down = False
         self.sent = 0
+        self.while_sending: Callable[[], None] | None = None  # runs inside the next request
         client._session.request = self  # type: ignore[method-assign]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.sent += 1
+        hook, self.while_sending = self.while_sending, None
+        if hook is not None:
+            hook()
         if self.down:
             raise requests.ConnectionError("[Errno 111] Connection refused")
         return self.real(*args, **kwargs)
@@ -557,7 +561,7 @@ def test_unreachable_store_latches_then_probes_once_then_recovers(
         lambda: client.get_range("small.txt", 0, 4),
         lambda: list(client.list("", "/")),
     ):
-        with pytest.raises(StoreUnavailableError, match=r"next try in 2\.0 s"):
+        with pytest.raises(StoreUnavailableError, match=r"down for 0\.0 s; next probe in 2\.0 s"):
             call()
     assert outage.sent == 3
     # Past the window, one probe, with a single attempt; failing, it re-arms the latch.
@@ -595,6 +599,30 @@ def test_after_recovery_a_new_outage_gets_full_retries(
     with pytest.raises(StoreUnavailableError):
         client.head("small.txt")
     assert outage.sent - sent == 3  # not a single-attempt probe: the store was up
+
+
+def test_one_probe_at_a_time(latched: tuple[StoreClient, _Outage, _Clock]) -> None:
+    client, outage, clock = latched
+    outage.down = True
+    with pytest.raises(StoreUnavailableError):
+        client.head("small.txt")
+    clock.now += 2.5
+    during_probe: list[Exception] = []
+
+    def another_request() -> None:
+        sent = outage.sent
+        try:
+            client.head("small.txt")
+        except StoreUnavailableError as exc:
+            during_probe.append(exc)
+        assert outage.sent == sent  # it failed without going to the network
+
+    # The store hangs on the probe: a request meanwhile fails at once instead of also waiting.
+    outage.while_sending = another_request
+    with pytest.raises(StoreUnavailableError):
+        client.head("small.txt")
+    assert len(during_probe) == 1 and "next probe in 2.0 s" in str(during_probe[0])
+    assert outage.sent == 4
 
 
 def test_store_answering_errors_is_not_down(
