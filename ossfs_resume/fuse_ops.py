@@ -122,8 +122,8 @@ def fuse_errno(op: str, path: str, exc: Exception) -> int:
 class FuseAdapter:
     """The mfusepy operations object: each callback calls the core through `_call`.
 
-    A plain class, not a ``mfusepy.Operations`` subclass, so it can be built (and
-    driven) without libfuse: mfusepy registers whichever callbacks the object has.
+    A plain module-level class (mfusepy registers whichever callbacks the object
+    has), so a test can build one from a core factory and drive it without a mount.
     """
 
     use_ns = True
