@@ -4,6 +4,13 @@ Speaks two dialects over one code path: Alibaba Cloud OSS (signature V4 or V1,
 or anonymous) and S3 (SigV4, or anonymous). Every ranged GET is checked
 strictly (206, matching Content-Range, full body) because a store that ignores
 a Range header would otherwise hand back the wrong bytes silently.
+
+Once a request has found the store unreachable (connection failures or
+timeouts through every retry), the client fails further requests at once for
+``down_latch`` seconds instead of letting each wait through its own retries;
+after that, one request per window probes the store with a single attempt
+(the others still fail at once) until one is answered, so reads recover soon
+after the store is back.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import re
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -82,6 +89,8 @@ class StoreConfig:
     backoff_base: float = 0.1
     backoff_cap: float = 2.0
     pool_size: int = 16
+    # After the store was found unreachable, fail requests at once for this long (0: never).
+    down_latch: float = 2.0
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.endpoint)
@@ -170,9 +179,16 @@ class _Retry(Exception):
 class StoreClient:
     """Thread-safe client for one bucket. One pooled session sized to the worker count."""
 
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.counters = RequestCounters()
+        self._clock = clock
+        # "Store down" latch: see the module docstring. _down_since is None while the
+        # store answers; _down_until is when requests may probe it again.
+        self._down_lock = threading.Lock()
+        self._down_since: float | None = None
+        self._down_until = 0.0
+        self._down_reason = ""
         self._session = requests.Session()
         adapter = HTTPAdapter(
             pool_connections=2,
@@ -299,6 +315,54 @@ class StoreClient:
 
     # -- internals --------------------------------------------------------
 
+    def _fail_if_down(self, key: str) -> bool:
+        """Raise at once while the latch holds; True if this request is to probe the store."""
+        if self._down_since is None:  # the common case, without the lock
+            return False
+        with self._down_lock:
+            since, until, reason = self._down_since, self._down_until, self._down_reason
+            if since is None:
+                return False
+            now = self._clock()
+            if now >= until:
+                # This request probes; the others keep failing at once meanwhile, so a
+                # hung store costs one timeout per window, not one per waiting request.
+                self._down_until = now + self.config.down_latch
+                return True
+        raise StoreUnavailableError(
+            f"cannot reach {self.config.endpoint}: {reason} (down for {now - since:.1f} s; "
+            f"next probe in {until - now:.1f} s)",
+            key=key,
+        )
+
+    def _mark_down(self, reason: str) -> None:
+        if self.config.down_latch <= 0:
+            return
+        now = self._clock()
+        with self._down_lock:
+            first = self._down_since is None
+            if first:
+                self._down_since = now
+            self._down_until = now + self.config.down_latch
+            self._down_reason = reason
+        if first:
+            log.warning(
+                "%s is unreachable (%s); failing requests at once for %.1f s between probes",
+                self.config.endpoint,
+                reason,
+                self.config.down_latch,
+            )
+
+    def _mark_up(self) -> None:
+        with self._down_lock:
+            since, self._down_since = self._down_since, None
+        if since is not None:
+            log.info(
+                "%s answers again (unreachable for %.1f s)",
+                self.config.endpoint,
+                self._clock() - since,
+            )
+
     def _url_and_path(self, key: str) -> tuple[str, str, str]:
         """(base URL without query, host header, encoded path) for bucket + key."""
         encoded_key = uri_encode(key, keep_slash=True)
@@ -351,6 +415,9 @@ class StoreClient:
         attempt = 0
         while True:
             attempt += 1
+            # Checked before every attempt: a request backing off stops as soon as
+            # another one has found the store unreachable.
+            probing = self._fail_if_down(key)
             hdrs = {"Accept-Encoding": "identity", **(headers or {})}
             url, host, path = self._url_and_path(key)
             self._sign(method, key, query, hdrs, host, path)
@@ -373,7 +440,9 @@ class StoreClient:
                 requests.exceptions.ChunkedEncodingError,  # a body cut short
             ) as exc:
                 reason = _connection_reason(exc)
-                if attempt >= self.config.max_attempts:
+                # A probe of a store already down gets one attempt: it fails in one timeout.
+                if attempt >= self.config.max_attempts or probing:
+                    self._mark_down(reason)
                     raise StoreUnavailableError(
                         f"cannot reach {self.config.endpoint}: {reason} (after {attempt} attempts)",
                         key=key,
@@ -388,6 +457,8 @@ class StoreClient:
                 resp.status_code,
                 (time.monotonic() - started) * 1000,
             )
+            if self._down_since is not None:
+                self._mark_up()  # any answer, even an error status, means it is reachable
             if resp.status_code < 300:
                 return resp
             error = self._error_from_response(method, key, resp)

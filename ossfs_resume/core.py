@@ -1,9 +1,15 @@
 """The mounted filesystem without FUSE: paths in, stat dicts and bytes out.
 
 Like a MountSource: everything a mount does is testable without mounting.
-The FUSE adapter (fuse_ops.py) only translates calls and errors.
+The FUSE adapter (fuse_ops.py) only translates calls and errors, and logs
+failures: the core raises :class:`FsError` with the whole story in its message
+and logs only what it handles itself (degraded but working).
 
-Concurrency: ``_lock`` guards the open-file table only.
+Degraded modes: a file whose cache bookkeeping fails at open is read straight
+from the store; while the store is unreachable, files are opened from the last
+listing and their cached parts served (uncached parts fail fast with EIO).
+
+Concurrency: ``_lock`` guards the open-file table and the warned-path set only.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import cachetools
 
-from .cache import PartStore
+from .cache import PartStore, UncachedParts, object_id
 from .client import ObjectMeta, StoreClient
 from .errors import OssfsError, PreconditionFailedError
 from .namespace import Entry, Namespace
@@ -32,10 +38,21 @@ log = logging.getLogger(__name__)
 
 
 class FsError(OSError):
-    """An errno for the FUSE layer to return."""
+    """An errno for the FUSE layer to return.
 
-    def __init__(self, code: int, message: str = "") -> None:
+    `failure` marks a store or cache failure, which the adapter logs (once, with
+    the operation and path); without it the errno is a plain answer (ENOENT for a
+    name that is not there, EROFS, ...) and nothing is logged.
+    """
+
+    def __init__(self, code: int, message: str = "", *, failure: bool = False) -> None:
         super().__init__(code, message or os.strerror(code))
+        self.failure = failure
+
+    @classmethod
+    def of(cls, exc: OssfsError) -> FsError:
+        """The store or cache failure `exc`, as its errno."""
+        return cls(exc.errno, str(exc), failure=True)
 
 
 @dataclass
@@ -73,6 +90,10 @@ class BucketFS:
         self._last_etag: cachetools.LRUCache[str, str] = cachetools.LRUCache(maxsize=65536)
         self._keep: dict[int, bool] = {}
         self._fh = itertools.count(1)
+        # Files opened offline since the store was last reachable: warned about once.
+        self._offline_warned: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
+        # Reads around a cache whose bookkeeping failed; made on first need.
+        self._direct: PartFetcher | None = None
         self._mounted_at = time.time()
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(
@@ -83,20 +104,33 @@ class BucketFS:
     def _housekeeping(self) -> None:
         """Start the cache's check in the background, then every second or so: notice a
         cache dir removed under us, flush access times, let go of evicted parts."""
-        self.cache.check_consistency(background=True)
+        try:
+            self.cache.check_consistency(background=True)
+        except Exception as exc:
+            _log_failure("the cache consistency check failed", exc)
+        failing = False
         while not self._stop.wait(self.options.access_flush_seconds):
             try:
                 self.cache.check_health()
                 self.cache.flush_access()
-            except Exception as exc:  # the cache turns its faults into outages; be sure
-                log.warning("cache housekeeping failed: %s", exc)
+                failing = False
+            except Exception as exc:
+                # Once per run of failures: a broken disk must not log every second.
+                if not failing:
+                    _log_failure("cache housekeeping failed", exc)
+                failing = True
 
     def close(self) -> None:
         self._stop.set()
         self._housekeeper.join(timeout=10)
-        self.fetcher.shutdown()
-        self.cache.close()
-        self.client.close()
+        # Each step on its own: a broken cache must not leave the client open.
+        fetchers = [self.fetcher] if self._direct is None else [self.fetcher, self._direct]
+        steps = [*(f.shutdown for f in fetchers), self.cache.close, self.client.close]
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                _log_failure(f"closing the mount: {step.__qualname__} failed", exc)
 
     # -- metadata ---------------------------------------------------------
 
@@ -104,8 +138,7 @@ class BucketFS:
         try:
             entry = self.namespace.lookup(path)
         except OssfsError as exc:
-            log.warning("lookup %s: %s", path, exc)
-            raise FsError(exc.errno, str(exc)) from None
+            raise FsError.of(exc) from exc
         if entry is None:
             raise FsError(errno.ENOENT)
         return entry
@@ -138,8 +171,7 @@ class BucketFS:
         try:
             names = list(self.namespace.listdir(path))
         except OssfsError as exc:
-            log.warning("readdir %s: %s", path, exc)
-            raise FsError(exc.errno, str(exc)) from None
+            raise FsError.of(exc) from exc
         return [".", "..", *names]
 
     def statfs(self) -> dict[str, int]:
@@ -170,25 +202,67 @@ class BucketFS:
             raise FsError(errno.EISDIR)
         meta = ObjectMeta(entry.key, entry.size, entry.etag, entry.mtime)
         if not meta.etag:
-            meta = self.client.head(entry.key)
-        oid = self.cache.note_version(
-            self.client.config.store_id,
-            self.client.config.bucket,
-            meta.key,
-            meta.etag,
-            meta.size,
-            self.options.part_size,
-        )
+            try:
+                meta = self.client.head(entry.key)
+            except OssfsError as exc:
+                raise FsError.of(exc) from exc
+        self._warn_if_offline(path, meta)
+        cfg = self.client.config
+        fetcher = self.fetcher
+        try:
+            oid = self.cache.note_version(
+                cfg.store_id, cfg.bucket, meta.key, meta.etag, meta.size, self.options.part_size
+            )
+        except Exception as exc:
+            # The cache's bookkeeping failed, not the file: read it around the cache.
+            log.warning(
+                "open %s: the part cache failed (%s: %s); reading the file straight from the store",
+                path,
+                type(exc).__name__,
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            oid = object_id(cfg.store_id, cfg.bucket, meta.key, meta.etag)
+            fetcher = self._direct_fetcher(exc)
         ref = ObjectRef(meta, oid, self.options.part_size)
-        reader = ObjectReader(
-            self.fetcher, ref, max_readahead_parts=self.options.max_readahead_parts
-        )
+        reader = ObjectReader(fetcher, ref, max_readahead_parts=self.options.max_readahead_parts)
         with self._lock:
             fh = next(self._fh)
             self._open[fh] = reader
             self._keep[fh] = self._last_etag.get(meta.key) == meta.etag
             self._last_etag[meta.key] = meta.etag
         return fh
+
+    def _warn_if_offline(self, path: str, meta: ObjectMeta) -> None:
+        """One warning per file opened from a listing kept because the store is unreachable."""
+        name = path.strip("/")
+        age = self.namespace.offline_age(name.rpartition("/")[0])
+        with self._lock:
+            if age is None:
+                self._offline_warned.pop(name, None)  # online: a later outage warns again
+                return
+            if name in self._offline_warned:
+                return
+            self._offline_warned[name] = True
+        log.warning(
+            "store unreachable; serving /%s offline: version %s from the listing of %.0f s ago, "
+            "its cached parts only",
+            name,
+            meta.etag,
+            age,
+        )
+
+    def _direct_fetcher(self, reason: Exception) -> PartFetcher:
+        """A fetcher that bypasses the cache (for files whose cache bookkeeping failed)."""
+        with self._lock:
+            if self._direct is None:
+                self._direct = PartFetcher(
+                    self.client,
+                    UncachedParts(self.cache.root, f"{type(reason).__name__}: {reason}"),
+                    max_parallel=self.options.max_parallel,
+                    max_inflight_bytes=self.options.max_inflight_bytes,
+                )
+            return self._direct
 
     def keep_cache(self, fh: int) -> bool:
         """True if the kernel may keep this file's page cache: same ETag as at its last open.
@@ -214,22 +288,22 @@ class BucketFS:
         size = len(view)
         try:
             return reader.read_into(offset, view)
-        except PreconditionFailedError:
+        except PreconditionFailedError as exc:
             ref = reader.ref
-            log.error(
-                "read %s at %d: the object changed since it was opened (ETag %s); "
-                "failing the read rather than mixing versions",
-                ref.meta.key,
-                offset,
-                ref.meta.etag,
-            )
             # That version is gone from the store: forget its parts and its listing.
-            self.cache.drop_object(ref.object_id, ref.meta.size, [ref.part_size])
             self.namespace.invalidate(_parent(ref.meta.key, self.options.prefix))
-            raise FsError(errno.EIO) from None
+            try:
+                self.cache.drop_object(ref.object_id, ref.meta.size, [ref.part_size])
+            except Exception as drop_exc:
+                _log_failure("dropping the cached parts of a changed object failed", drop_exc)
+            raise FsError(
+                errno.EIO,
+                f"at {offset}: the object changed since it was opened (ETag {ref.meta.etag}); "
+                "failing the read rather than mixing versions",
+                failure=True,
+            ) from exc
         except OssfsError as exc:
-            log.error("read %s at %d+%d: %s", reader.ref.meta.key, offset, size, exc)
-            raise FsError(errno.EIO) from None
+            raise FsError(errno.EIO, f"at {offset}+{size}: {exc}", failure=True) from exc
 
     def getxattr(self, path: str, name: str) -> bytes:
         """SOURCE_XATTR names a file's store, key and cache, so `prefetch PATH` can fill it."""
@@ -257,6 +331,13 @@ class BucketFS:
         with self._lock:
             self._open.pop(fh, None)
             self._keep.pop(fh, None)
+
+
+def _log_failure(what: str, exc: Exception) -> None:
+    """One line; the traceback only when debugging."""
+    log.warning(
+        "%s: %s: %s", what, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG)
+    )
 
 
 def _parent(key: str, prefix: str) -> str:

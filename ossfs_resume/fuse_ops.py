@@ -2,6 +2,10 @@
 
 The core is built in ``init``, i.e. after libfuse has daemonized: threads,
 sockets and SQLite handles created before a fork do not survive it.
+
+Every callback goes through :func:`fuse_errno`: whatever it raises becomes an
+errno (never mfusepy's catch-all EINVAL), and a failure is logged once, as one
+line naming the operation and the path (the traceback only at debug level).
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import errno
 import logging
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .core import BucketFS, FsError
+from .errors import OssfsError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,158 @@ def tune_read_ahead(mountpoint: str, read_ahead_kb: int, timeout: float = 5.0) -
         time.sleep(0.05)
 
 
+def fuse_errno(op: str, path: str, exc: Exception) -> int:
+    """The errno that answers `exc` from FUSE operation `op` on `path`.
+
+    A store or cache failure is logged here, once; a plain answer of the core
+    (an FsError without `failure`: ENOENT for a missing name, EROFS, ...) is not.
+    """
+    if isinstance(exc, FsError):
+        if not exc.failure:
+            return exc.errno
+        code, why = exc.errno, exc.strerror
+    elif isinstance(exc, OssfsError):
+        code, why = exc.errno, str(exc)
+    elif isinstance(exc, sqlite3.Error):
+        code, why = errno.EIO, f"the cache index failed: {type(exc).__name__}: {exc}"
+    else:
+        # OSError from the cache's files, or a bug: the caller's arguments were fine,
+        # so never EINVAL; EIO says "this read failed", which is what happened.
+        code, why = errno.EIO, f"{type(exc).__name__}: {exc}"
+    log.log(
+        logging.ERROR if code == errno.EIO else logging.WARNING,
+        "%s %s: %s",
+        op,
+        path,
+        why,
+        exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
+    )
+    return code
+
+
+class FuseAdapter:
+    """The mfusepy operations object: each callback calls the core through `_call`.
+
+    A plain module-level class (mfusepy registers whichever callbacks the object
+    has), so a test can build one from a core factory and drive it without a mount.
+    """
+
+    use_ns = True
+
+    def __init__(
+        self,
+        make_core: Callable[[], BucketFS],
+        *,
+        mountpoint: str,
+        metadata_ttl: float,
+        read_ahead_kb: int = 1024,
+        fsname: str = "",
+        error_type: Callable[[int], OSError] | None = None,
+    ) -> None:
+        self.make_core = make_core
+        self.mountpoint = mountpoint
+        self.ttl = metadata_ttl if metadata_ttl != float("inf") else 86400.0
+        self.read_ahead_kb = read_ahead_kb
+        self.fsname = fsname or mountpoint
+        self.error_type = error_type or _load_mfusepy().FuseOSError
+        self.core: BucketFS | None = None
+        self.destroyed = False
+        # Path of each open handle: read_into is given the handle only, and its log
+        # line must still name the file.
+        self._paths: dict[int, str] = {}
+
+    def _call(self, op: str, path: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            raise self.error_type(fuse_errno(op, path, exc)) from None
+
+    def _core(self) -> BucketFS:
+        if self.core is None:  # a callback before init, or after init failed
+            raise FsError(errno.EIO, "the file system is not initialized", failure=True)
+        return self.core
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if config is not None:
+            config.entry_timeout = self.ttl
+            config.attr_timeout = self.ttl
+            config.negative_timeout = 0
+        # A core that cannot be built fails the mount (mfusepy aborts on an error in
+        # init), after one line saying why.
+        self.core = self._call("init", self.mountpoint, self.make_core)
+        if self.read_ahead_kb > 0:
+            # The mount shows in mountinfo only once INIT is answered: tune it later.
+            threading.Thread(
+                target=tune_read_ahead,
+                args=(self.mountpoint, self.read_ahead_kb),
+                name="tune-read-ahead",
+                daemon=True,
+            ).start()
+        log.info("mounted %s at %s", self.fsname, self.mountpoint)
+
+    def destroy(self, path: str) -> None:
+        self.destroyed = True
+        if self.core is not None:
+            self.core.close()  # logs its own failures, step by step
+            log.info("unmounted %s", self.mountpoint)
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        return self._call("getattr", path, lambda: self._core().getattr(path))
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        return self._call("readdir", path, lambda: self._core().readdir(path))
+
+    # raw_fi: open, read and release get the fuse_file_info struct, so open
+    # can set keep_cache (page cache kept across opens of an unchanged object).
+    def open(self, path: str, fi: Any) -> int:
+        def open_() -> tuple[int, bool]:
+            core = self._core()
+            fh = core.open(path, fi.flags)
+            return fh, core.keep_cache(fh)
+
+        fh, keep = self._call("open", path, open_)
+        self._paths[fh] = path
+        fi.fh = fh
+        fi.keep_cache = 1 if keep else 0
+        return 0
+
+    # mfusepy registers libfuse's read callback because this method exists;
+    # ZeroCopyFUSE below serves that callback through read_into instead.
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        return self._call("read", path, lambda: self._core().read(fi.fh, size, offset))
+
+    def read_into(self, fi: Any, offset: int, view: memoryview) -> int:
+        # The hot path: no closure, and the path looked up only for a failure's log line.
+        fh = fi.fh
+        try:
+            return self._core().read_into(fh, offset, view)
+        except Exception as exc:
+            path = self._paths.get(fh, f"<handle {fh}>")
+            raise self.error_type(fuse_errno("read", path, exc)) from None
+
+    def release(self, path: str, fi: Any) -> int:
+        self._paths.pop(fi.fh, None)
+        self._call("release", path, lambda: self._core().release(fi.fh))
+        return 0
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return self._call("getxattr", path, lambda: self._core().getxattr(path, name))
+
+    def listxattr(self, path: str) -> list[str]:
+        return self._call("listxattr", path, lambda: self._core().listxattr(path))
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return self._call("statfs", path, lambda: self._core().statfs())
+
+    # A read-only mount: every change answers EROFS.
+    def erofs(self, *_args: Any) -> int:
+        raise self.error_type(errno.EROFS)
+
+    create = write = truncate = unlink = rmdir = mkdir = mknod = erofs
+    rename = link = symlink = chmod = chown = utimens = erofs
+    setxattr = removexattr = erofs
+
+
 def run_mount(
     mountpoint: str,
     make_core: Callable[[], BucketFS],
@@ -96,86 +254,6 @@ def run_mount(
 ) -> None:
     """Mount and serve until unmounted. In background mode libfuse forks first."""
     fuse = _load_mfusepy()
-    ttl = metadata_ttl if metadata_ttl != float("inf") else 86400.0
-
-    def erofs(*_args: Any) -> int:
-        raise fuse.FuseOSError(errno.EROFS)
-
-    class Adapter(fuse.Operations):  # type: ignore[misc, name-defined]
-        use_ns = True
-
-        def __init__(self) -> None:
-            self.core: BucketFS | None = None
-            self.destroyed = False
-
-        def init_with_config(self, conn: Any, config: Any) -> None:
-            if config is not None:
-                config.entry_timeout = ttl
-                config.attr_timeout = ttl
-                config.negative_timeout = 0
-            self.core = make_core()
-            if read_ahead_kb > 0:
-                # The mount shows in mountinfo only once INIT is answered: tune it later.
-                threading.Thread(
-                    target=tune_read_ahead,
-                    args=(mountpoint, read_ahead_kb),
-                    name="tune-read-ahead",
-                    daemon=True,
-                ).start()
-            log.info("mounted %s at %s", fsname, mountpoint)
-
-        def destroy(self, path: str) -> None:
-            self.destroyed = True
-            if self.core is not None:
-                self.core.close()
-                log.info("unmounted %s", mountpoint)
-
-        def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-            try:
-                return fn(*args)
-            except FsError as exc:
-                raise fuse.FuseOSError(exc.errno) from None
-
-        def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-            return self._call(self.core.getattr, path)  # type: ignore[union-attr]
-
-        def readdir(self, path: str, fh: int) -> list[str]:
-            return self._call(self.core.readdir, path)  # type: ignore[union-attr]
-
-        # raw_fi: open, read and release get the fuse_file_info struct, so open
-        # can set keep_cache (page cache kept across opens of an unchanged object).
-        def open(self, path: str, fi: Any) -> int:
-            fh = self._call(self.core.open, path, fi.flags)  # type: ignore[union-attr]
-            fi.fh = fh
-            fi.keep_cache = 1 if self.core.keep_cache(fh) else 0  # type: ignore[union-attr]
-            return 0
-
-        # mfusepy registers libfuse's read callback because this method exists;
-        # ZeroCopyFUSE below serves that callback through read_into instead.
-        def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-            return self._call(self.core.read, fi.fh, size, offset)  # type: ignore[union-attr]
-
-        def read_into(self, fi: Any, offset: int, view: memoryview) -> int:
-            return self._call(self.core.read_into, fi.fh, offset, view)  # type: ignore[union-attr]
-
-        def release(self, path: str, fi: Any) -> int:
-            self._call(self.core.release, fi.fh)  # type: ignore[union-attr]
-            return 0
-
-        def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-            return self._call(self.core.getxattr, path, name)  # type: ignore[union-attr]
-
-        def listxattr(self, path: str) -> list[str]:
-            return self._call(self.core.listxattr, path)  # type: ignore[union-attr]
-
-        def statfs(self, path: str) -> dict[str, int]:
-            return self._call(self.core.statfs)  # type: ignore[union-attr]
-
-        # A read-only mount: every change answers EROFS.
-        create = write = truncate = unlink = rmdir = mkdir = mknod = erofs
-        rename = link = symlink = chmod = chown = utimens = erofs
-        setxattr = removexattr = erofs
-
     options: dict[str, Any] = {
         "foreground": foreground,
         "debug": debug,
@@ -193,7 +271,14 @@ def run_mount(
             target = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
             return self.operations.read_into(fip.contents, offset, memoryview(target).cast("B"))
 
-    adapter = Adapter()
+    adapter = FuseAdapter(
+        make_core,
+        mountpoint=mountpoint,
+        metadata_ttl=metadata_ttl,
+        read_ahead_kb=read_ahead_kb,
+        fsname=fsname,
+        error_type=fuse.FuseOSError,
+    )
     try:
         ZeroCopyFUSE(adapter, mountpoint, raw_fi=True, **options)
     except RuntimeError:

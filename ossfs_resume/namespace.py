@@ -4,7 +4,12 @@ Directories are common prefixes (implicit) and ``dir/`` marker objects; files
 take size, mtime and ETag from the listing, so ``ls -l`` and ``find`` cost one
 LIST per directory page and no HEAD per file. Listings are cached with a TTL.
 
-Concurrency: ``_lock`` guards the TTL cache and the warned-key set only; it is
+When the store cannot be reached, a directory whose TTL has run out is answered
+from its last successful listing (kept in a bounded LRU beyond the TTL), with one
+warning per directory per outage: cached files stay readable offline. A store
+that answers (NotFound, AccessDenied, ...) is not an outage: its answer stands.
+
+Concurrency: ``_lock`` guards the caches and the warned sets only; it is
 never held during a LIST. Two threads missing the same directory at once may
 both list it; the later result simply replaces the earlier one.
 """
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import cachetools
 
 from .client import StoreClient
+from .errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +68,21 @@ class Namespace:
         *,
         list_ttl: float = 10.0,
         max_dirs: int = 4096,
+        max_stale_dirs: int = 4096,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.list_ttl = list_ttl
+        self._clock = clock
         self._lock = threading.Lock()
+        # Last successful listing of each directory, and when it was made: kept past
+        # the TTL to answer from while the store is unreachable.
+        self._last: cachetools.LRUCache[str, tuple[dict[str, Entry], float]] = cachetools.LRUCache(
+            maxsize=max(1, max_stale_dirs)
+        )
+        # Directories being answered from their last listing: path -> when it was made.
+        self._offline: dict[str, float] = {}
         self._dirs: cachetools.Cache[str, dict[str, Entry]]
         if list_ttl == FOREVER:
             self._dirs = cachetools.LRUCache(maxsize=max_dirs)
@@ -86,11 +101,41 @@ class Namespace:
                 cached = self._dirs.get(path)
             if cached is not None:
                 return cached
-        entries = self._list(path)
-        if self.list_ttl > 0:
-            with self._lock:
+        try:
+            entries = self._list(path)
+        except StoreUnavailableError as exc:
+            return self._stale(path, exc)
+        with self._lock:
+            if self.list_ttl > 0:
                 self._dirs[path] = entries
+            self._last[path] = (entries, self._clock())
+            self._offline.pop(path, None)  # back online: a later outage warns again
         return entries
+
+    def _stale(self, path: str, exc: StoreUnavailableError) -> dict[str, Entry]:
+        """The last listing of `path`, while the store is unreachable; else `exc` again."""
+        with self._lock:
+            last = self._last.get(path)
+            if last is None:
+                raise exc
+            entries, listed_at = last
+            first = path not in self._offline
+            self._offline[path] = listed_at
+        if first:
+            log.warning(
+                "store unreachable; serving the listing of /%s from %.0f s ago (%s)",
+                path,
+                self._clock() - listed_at,
+                exc,
+            )
+        return entries
+
+    def offline_age(self, path: str) -> float | None:
+        """Seconds since the listing of directory `path` was made, if that listing is
+        being served because the store is unreachable; None while it is fresh."""
+        with self._lock:
+            listed_at = self._offline.get(path.strip("/"))
+        return None if listed_at is None else self._clock() - listed_at
 
     def lookup(self, path: str) -> Entry | None:
         """The entry at `path`, or None. The root always exists."""
@@ -107,8 +152,12 @@ class Namespace:
         with self._lock:
             if path is None:
                 self._dirs.clear()
+                self._last.clear()
+                self._offline.clear()
             else:
                 self._dirs.pop(path.strip("/"), None)
+                self._last.pop(path.strip("/"), None)
+                self._offline.pop(path.strip("/"), None)
 
     def _list(self, path: str) -> dict[str, Entry]:
         list_prefix = self.prefix + path + "/" if path else self.prefix

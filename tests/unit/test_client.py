@@ -14,7 +14,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 import pytest
+import requests
 
 from ossfs_resume.checksum import crc64
 from ossfs_resume.client import (
@@ -502,6 +503,151 @@ def test_connection_refused() -> None:
         assert "connection refused" in str(info.value)
         assert "after 2 attempts" in str(info.value)
         assert client.counters.retries == 1
+    finally:
+        client.close()
+
+
+class _Outage:
+    """Stands in for the client's HTTP session: counts the requests that reach the
+    network, and while `down` fails each as a refused connection."""
+
+    def __init__(self, client: StoreClient) -> None:
+        self.real = client._session.request
+        self.down = False
+        self.sent = 0
+        self.while_sending: Callable[[], None] | None = None  # runs inside the next request
+        client._session.request = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.sent += 1
+        hook, self.while_sending = self.while_sending, None
+        if hook is not None:
+            hook()
+        if self.down:
+            raise requests.ConnectionError("[Errno 111] Connection refused")
+        return self.real(*args, **kwargs)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 500.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def latched(server: FakeStoreServer) -> Iterator[tuple[StoreClient, _Outage, _Clock]]:
+    clock = _Clock()
+    client = StoreClient(_config(server.endpoint, max_attempts=3, down_latch=2.0), clock=clock)
+    try:
+        yield client, _Outage(client), clock
+    finally:
+        client.close()
+
+
+def test_unreachable_store_latches_then_probes_once_then_recovers(
+    latched: tuple[StoreClient, _Outage, _Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    client, outage, clock = latched
+    caplog.set_level(logging.INFO, logger="ossfs_resume.client")
+    outage.down = True
+    with pytest.raises(StoreUnavailableError, match="connection refused"):
+        client.head("small.txt")
+    assert outage.sent == 3  # the first request goes through its retries
+    # Within the window: every kind of request fails at once, without touching the network.
+    for call in (
+        lambda: client.head("small.txt"),
+        lambda: client.get_range("small.txt", 0, 4),
+        lambda: list(client.list("", "/")),
+    ):
+        with pytest.raises(StoreUnavailableError, match=r"down for 0\.0 s; next probe in 2\.0 s"):
+            call()
+    assert outage.sent == 3
+    # Past the window, one probe, with a single attempt; failing, it re-arms the latch.
+    clock.now += 2.5
+    with pytest.raises(StoreUnavailableError):
+        client.head("small.txt")
+    assert outage.sent == 4
+    clock.now += 1.0
+    with pytest.raises(StoreUnavailableError):
+        client.head("small.txt")
+    assert outage.sent == 4
+    # The store is back: the next probe succeeds and requests flow normally again.
+    outage.down = False
+    clock.now += 1.5
+    assert client.head("small.txt").size == 11
+    assert bytes(client.get_range("small.txt", 0, 4)) == b"hello"
+    assert outage.sent == 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unreachable" in warnings[0]
+    assert any("answers again" in r.getMessage() for r in caplog.records)
+
+
+def test_after_recovery_a_new_outage_gets_full_retries(
+    latched: tuple[StoreClient, _Outage, _Clock],
+) -> None:
+    client, outage, clock = latched
+    outage.down = True
+    with pytest.raises(StoreUnavailableError):
+        client.head("small.txt")
+    outage.down = False
+    clock.now += 3
+    client.head("small.txt")
+    outage.down = True
+    sent = outage.sent
+    with pytest.raises(StoreUnavailableError):
+        client.head("small.txt")
+    assert outage.sent - sent == 3  # not a single-attempt probe: the store was up
+
+
+def test_one_probe_at_a_time(latched: tuple[StoreClient, _Outage, _Clock]) -> None:
+    client, outage, clock = latched
+    outage.down = True
+    with pytest.raises(StoreUnavailableError):
+        client.head("small.txt")
+    clock.now += 2.5
+    during_probe: list[Exception] = []
+
+    def another_request() -> None:
+        sent = outage.sent
+        try:
+            client.head("small.txt")
+        except StoreUnavailableError as exc:
+            during_probe.append(exc)
+        assert outage.sent == sent  # it failed without going to the network
+
+    # The store hangs on the probe: a request meanwhile fails at once instead of also waiting.
+    outage.while_sending = another_request
+    with pytest.raises(StoreUnavailableError):
+        client.head("small.txt")
+    assert len(during_probe) == 1 and "next probe in 2.0 s" in str(during_probe[0])
+    assert outage.sent == 4
+
+
+def test_store_answering_errors_is_not_down(
+    latched: tuple[StoreClient, _Outage, _Clock], store: FakeStore
+) -> None:
+    client, outage, _clock = latched
+    store.faults = ["503"] * 3
+    with pytest.raises(StoreUnavailableError):
+        client.get_range("small.txt", 0, 4)
+    with pytest.raises(NotFoundError):
+        client.head("missing")
+    # It answered: no latch, the next request goes to the network.
+    assert bytes(client.get_range("small.txt", 0, 4)) == b"hello"
+    assert outage.sent == 5
+
+
+def test_latch_zero_disables_it(server: FakeStoreServer) -> None:
+    client = StoreClient(_config(server.endpoint, max_attempts=2, down_latch=0))
+    try:
+        outage = _Outage(client)
+        outage.down = True
+        for _ in range(2):
+            with pytest.raises(StoreUnavailableError, match="after 2 attempts"):
+                client.head("small.txt")
+        assert outage.sent == 4
     finally:
         client.close()
 

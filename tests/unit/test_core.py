@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import threading
@@ -419,3 +420,55 @@ def test_page_cache_is_kept_only_while_the_etag_is_unchanged(
     third = fs.open("/data/big.bin", os.O_RDONLY)
     assert fs.keep_cache(third) is False  # new ETag: the kernel must drop the old pages
     assert fs.keep_cache(999_999) is False
+
+
+# -- offline: the store unreachable ---------------------------------------------
+
+
+def test_offline_cached_files_are_served_and_uncached_reads_fail(
+    make_fs: Callable[..., BucketFS], client: FakeStoreClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ossfs_resume")
+    fs = make_fs(list_ttl=0)  # every lookup asks the store, as once the TTL has run out
+    cached = OBJECTS["data/nested/deep.bin"]
+    fh = fs.open("/data/nested/deep.bin", os.O_RDONLY)
+    assert fs.read(fh, 10 * PART, 0) == cached
+    fs.release(fh)
+    assert fs.fetcher.wait_idle(5)
+    assert fs.getattr("/data/big.bin")["st_size"] == len(OBJECTS["data/big.bin"])  # listed only
+    gets = len(client.get_calls)
+    client.list_error = StoreUnavailableError("cannot reach http://fake: connection refused")
+    client.get_error = StoreUnavailableError("cannot reach http://fake: connection refused")
+
+    for _ in range(2):
+        assert fs.getattr("/data/nested/deep.bin")["st_size"] == len(cached)
+        fh = fs.open("/data/nested/deep.bin", os.O_RDONLY)
+        assert fs.read(fh, 10 * PART, 0) == cached
+        fs.release(fh)
+    assert len(client.get_calls) == gets  # all from the cache
+    cold = fs.open("/data/big.bin", os.O_RDONLY)  # opens: its listing entry is known
+    with pytest.raises(FsError) as info:
+        fs.read(cold, 100, 0)
+    assert _errno(info) == errno.EIO
+    offline = [r.getMessage() for r in caplog.records if "offline" in r.getMessage()]
+    assert len([m for m in offline if "/data/nested/deep.bin" in m]) == 1, offline
+    assert len([m for m in offline if "/data/big.bin" in m]) == 1, offline
+    assert len(offline) == 2
+
+    # The store is back: the same handle reads, and opens are no longer offline.
+    client.list_error = client.get_error = None
+    assert fs.read(cold, 100, 0) == OBJECTS["data/big.bin"][:100]
+    fs.release(cold)
+    caplog.clear()
+    fs.release(fs.open("/data/big.bin", os.O_RDONLY))
+    assert not [r for r in caplog.records if "offline" in r.getMessage()]
+
+
+def test_offline_without_a_last_listing_is_eio(
+    make_fs: Callable[..., BucketFS], client: FakeStoreClient
+) -> None:
+    fs = make_fs(list_ttl=0)
+    client.list_error = StoreUnavailableError("cannot reach http://fake")
+    with pytest.raises(FsError) as info:
+        fs.open("/readme.txt", os.O_RDONLY)
+    assert _errno(info) == errno.EIO

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from ossfs_resume.client import ListPage, ObjectMeta
-from ossfs_resume.errors import AccessDeniedError
+from ossfs_resume.errors import AccessDeniedError, NoSuchBucketError, StoreUnavailableError
 from ossfs_resume.namespace import FOREVER, Entry, Namespace, bad_name_reason
 
 
@@ -307,3 +307,89 @@ def test_list_errors_propagate_and_are_not_cached() -> None:
         ns.listdir("")
     client.error = None
     assert set(ns.listdir("")) == {"a"}
+
+
+# -- offline: the last listing outlives its TTL while the store is unreachable --
+
+
+def test_unreachable_store_is_answered_from_the_last_listing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    clock = FakeClock()
+    client = FakeListClient({"a": 1, "d/b": 2, "d/c": 3})
+    ns = _ns(client, list_ttl=5.0, clock=clock)
+    before = {path: ns.listdir(path) for path in ("", "d")}
+    assert ns.offline_age("d") is None
+    clock.now += 60
+    client.error = StoreUnavailableError("cannot reach the store")
+    for _ in range(3):
+        assert ns.listdir("d") == before["d"]
+        assert ns.lookup("d/b") == before["d"]["b"]
+    assert ns.offline_age("d") == 60
+    # It tried the store each time (the client's latch keeps that cheap), and said so
+    # once per directory.
+    assert client.calls.count(("d/", "/")) == 1 + 3 + 3
+    warnings = _warnings(caplog)
+    assert len(warnings) == 2, warnings
+    assert "store unreachable; serving the listing of /d from 60 s ago" in warnings[0]
+    assert "listing of / from 60 s ago" in warnings[1]
+    # Back online: fresh listings again, and a later outage warns again.
+    client.error = None
+    client.sizes["d/new"] = 4
+    assert "new" in ns.listdir("d")
+    assert ns.offline_age("d") is None
+    clock.now += 60
+    client.error = StoreUnavailableError("down again")
+    assert "new" in ns.listdir("d")
+    assert len(_warnings(caplog)) == 3
+
+
+def test_unreachable_store_without_a_listing_is_an_error() -> None:
+    client = FakeListClient(["a", "d/b"])
+    ns = _ns(client, list_ttl=5.0)
+    ns.listdir("")
+    client.error = StoreUnavailableError("cannot reach the store")
+    with pytest.raises(StoreUnavailableError):
+        ns.listdir("d")
+    with pytest.raises(StoreUnavailableError):
+        ns.lookup("d/b")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [AccessDeniedError("denied", status=403), NoSuchBucketError("gone", status=404)],
+)
+def test_a_store_that_answers_is_not_an_outage(error: Exception) -> None:
+    clock = FakeClock()
+    client = FakeListClient(["a"])
+    ns = _ns(client, list_ttl=5.0, clock=clock)
+    ns.listdir("")
+    clock.now += 10
+    client.error = error
+    with pytest.raises(type(error)):
+        ns.listdir("")
+    assert ns.offline_age("") is None
+
+
+def test_ttl_zero_still_keeps_the_last_listing_for_outages() -> None:
+    client = FakeListClient(["a"])
+    ns = _ns(client, list_ttl=0)
+    ns.listdir("")
+    client.error = StoreUnavailableError("down")
+    assert set(ns.listdir("")) == {"a"}
+
+
+def test_stale_listings_are_bounded_and_invalidated() -> None:
+    client = FakeListClient(["d1/a", "d2/b", "d3/c"])
+    ns = _ns(client, list_ttl=0, max_stale_dirs=2)
+    for path in ("d1", "d2", "d3"):
+        ns.listdir(path)
+    client.error = StoreUnavailableError("down")
+    with pytest.raises(StoreUnavailableError):
+        ns.listdir("d1")  # the least recently listed was pushed out
+    assert set(ns.listdir("d3")) == {"c"}
+    ns.invalidate("d3")  # e.g. the object changed: its old listing must not come back
+    with pytest.raises(StoreUnavailableError):
+        ns.listdir("d3")
+    assert set(ns.listdir("d2")) == {"b"}

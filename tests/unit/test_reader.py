@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import threading
 import time
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ossfs_resume.cache import PartCache, object_id
+from ossfs_resume.cache import PartCache, PartId, object_id
 from ossfs_resume.client import ObjectMeta
 from ossfs_resume.errors import (
     CacheWriteError,
@@ -638,13 +640,41 @@ def test_prefetch_of_a_file_the_cache_refuses_fails_with_one_clear_error(
     client = FakeClient(data)
     client.config = SimpleNamespace(store_id="s3+http://fake", bucket="bkt")  # type: ignore[attr-defined]
     client.describe = lambda key: f"s3://bkt/{key}"  # type: ignore[attr-defined]
-    monkeypatch.setattr(cache, "store", lambda pid, buf: False)  # a full disk
+
+    def full_disk(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache.files, "write", full_disk)
     meta = ObjectMeta(KEY, len(data), ETAG, 1_700_000_000.0)
     with pytest.raises(CacheWriteError) as info:
         prefetch_object(client, cache, meta, PART, threads=2)  # type: ignore[arg-type]
     message = str(info.value)
     assert "\n" not in message
     assert "cannot write to the cache" in message and f"s3://bkt/{KEY}" in message
+    assert "No space left" in message
+
+
+def test_prefetch_is_not_failed_by_a_concurrent_eviction_of_its_parts(
+    cache: PartCache, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _payload(3 * PART)
+    client = FakeClient(data)
+    client.config = SimpleNamespace(store_id="s3+http://fake", bucket="bkt")  # type: ignore[attr-defined]
+    client.describe = lambda key: f"s3://bkt/{key}"  # type: ignore[attr-defined]
+    real_store = cache.store
+
+    def store_then_evicted(pid: PartId, buf: memoryview) -> bool:
+        assert real_store(pid, buf)
+        cache.drop(pid)  # another process's eviction, right after
+        return True
+
+    monkeypatch.setattr(cache, "store", store_then_evicted)
+    caplog.set_level(logging.WARNING)
+    meta = ObjectMeta(KEY, len(data), ETAG, 1_700_000_000.0)
+    result = prefetch_object(client, cache, meta, PART, threads=2)  # type: ignore[arg-type]
+    assert result.parts_fetched == 3
+    assert cache.writes_refused() is None
+    assert not [r for r in caplog.records if "cannot write" in r.getMessage()]
 
 
 def test_a_cached_part_cut_short_under_the_reader_fails_the_read(
