@@ -171,7 +171,8 @@ def build(root: Path, parts: int, part_size: int, per_object: int, seed: int) ->
     index = PartIndex(root / INDEX_NAME)
     now = time.time()
     built = Built(objects=math.ceil(parts / per_object))
-    sampled = set(rng.sample(range(built.objects), min(built.objects, 2 * READS)))
+    # Candidates for the timed reads: random parts; the full-size ones among them are read.
+    sampled = set(rng.sample(range(parts), min(parts, 4 * READS)))
     rows: list[tuple[PartId, PartRecord]] = []
     objects: list[ObjectRow] = []
     t_files = t_rows = 0.0
@@ -214,7 +215,7 @@ def build(root: Path, parts: int, part_size: int, per_object: int, seed: int) ->
                 hits = 0 if kind < 0.2 else 1 if kind < 0.7 else rng.randrange(2, 50)
                 rows.append((pid, PartRecord(length, zeros_crc(length), atime + number, hits)))
                 built.total_bytes += length
-                if number == 0 and o in sampled and length == part_size:
+                if done + number in sampled and length == part_size:
                     built.sample.append(pid)
             t_files += time.perf_counter() - started
             done += count
@@ -227,6 +228,7 @@ def build(root: Path, parts: int, part_size: int, per_object: int, seed: int) ->
         index.close()
     built.build_files_s, built.build_index_s = t_files, t_rows
     rng.shuffle(built.sample)
+    del built.sample[2 * READS :]
     return built
 
 
@@ -354,7 +356,10 @@ def measure(root: Path, n: int, args: argparse.Namespace) -> dict[str, float]:
     out["index_bytes"] = sum(
         p.stat().st_size for p in root.iterdir() if p.name.startswith(INDEX_NAME)
     )
-    reads, reads_during_check = built.sample[:READS], built.sample[READS : 2 * READS]
+    half = len(built.sample) // 2
+    if half < 2:
+        raise SystemExit(f"only {len(built.sample)} full-size parts sampled: use more parts")
+    reads, reads_during_check = built.sample[:half], built.sample[half:]
 
     log.info("N=%d: open, first reads, stats", n)
     opens = []
@@ -506,8 +511,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("ossfs_resume").setLevel(logging.WARNING)
-    if args.part_size < 16 or args.parts_per_object < 1 or min(args.parts) < 2 * READS:
-        parser.error(f"need a part size >= 16, >= 1 part per object and >= {2 * READS} parts")
+    if args.part_size < 16 or args.parts_per_object < 1 or min(args.parts) < 4 * READS:
+        parser.error(f"need a part size >= 16, >= 1 part per object and >= {4 * READS} parts")
 
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
