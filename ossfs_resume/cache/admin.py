@@ -77,7 +77,7 @@ def verify_parts(index: PartIndex, files: PartFiles) -> tuple[int, list[PartId]]
             if _file_matches(files, pid, rec):
                 continue
             with index.writing() as conn:
-                now = index.part(pid)  # a new read: sees evictions committed meanwhile
+                now = index.part_in(conn, pid)  # sees evictions committed meanwhile
                 if now is None or now.crc != rec.crc or _file_matches(files, pid, now):
                     checked -= 1 if now is None else 0
                     continue

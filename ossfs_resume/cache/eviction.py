@@ -23,6 +23,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -163,6 +164,7 @@ class Evictor:
         while not self._stop.is_set():
             index = self._index_of()
             busy = self._busy()
+            started = time.monotonic()
             with index.writing() as conn:
                 used = index.totals_in(conn).bytes
                 free = self.free_disk()
@@ -184,6 +186,9 @@ class Evictor:
                         break
             for victim in victims:
                 self._forget(victim.pid)
+            # Leave the lock free as long as we held it: other processes' writers poll
+            # for it (this process's writers queue in order and need no pause).
+            time.sleep(min(time.monotonic() - started, 0.01))
         if evicted:
             log.info(
                 "cache over its limit: evicted %d parts (%d bytes); limit %d bytes",

@@ -19,11 +19,13 @@ the cache its contents (see ``is_corrupt``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +122,43 @@ class Victim(NamedTuple):
     length: int
 
 
+class FairLock:
+    """A lock handed to waiters in arrival order.
+
+    A thread that releases and at once re-acquires a plain lock (the eviction
+    loop) can keep other threads out indefinitely; here each release hands the
+    lock to the longest waiter.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
+
+    def acquire(self) -> None:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            baton = threading.Lock()
+            baton.acquire()
+            self._waiters.append(baton)
+        baton.acquire()  # released by the owner's release(): the lock is ours
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._held = False
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def _private_file(path: Path) -> None:
     """Create `path` readable by its owner only (SQLite gives -wal and -shm the same mode)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -137,6 +176,9 @@ class PartIndex:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()  # guards _all and _closed
         self._closed = False
+        # Writers of this process queue here in order, not in SQLite's busy handler,
+        # which sleeps up to 100 ms between tries and so loses to a tight loop.
+        self._writers = FairLock()
         created = not path.exists()
         if created:
             _private_file(path)
@@ -206,11 +248,16 @@ class PartIndex:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: writers queue here, not at commit)."""
+        """One write transaction (BEGIN IMMEDIATE: writers queue here, not at commit).
+
+        The queue is taken before a connection, so a writer never holds a pooled
+        connection while it waits (a write transaction may still run reads on a
+        second connection without any risk of the pool running dry).
+        """
         if self._closed:
             raise sqlite3.ProgrammingError("the cache index is closed")
-        with self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._writers, self._connection() as conn:
+            self._begin(conn)
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -218,6 +265,29 @@ class PartIndex:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, polling every few ms while another process holds the lock:
+        SQLite's own busy handler backs off to 100 ms sleeps, so a writer of another
+        process could wait for a whole eviction pass between its short batches."""
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            deadline = time.monotonic() + self._busy_timeout
+            delay = 0.0005
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    text = str(exc)
+                    if "locked" not in text and "busy" not in text:
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.004)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
 
     def close(self) -> None:
         with self._lock:
@@ -237,11 +307,15 @@ class PartIndex:
     def part(self, pid: PartId) -> PartRecord | None:
         """The record of a part whose data is durable (reservations are not parts yet)."""
         with self.reading() as conn:
-            row = conn.execute(
-                "SELECT length, crc, atime, hits FROM parts "
-                "WHERE oid = ? AND part_size = ? AND number = ? AND writer IS NULL",
-                (pid.object_id, pid.part_size, pid.number),
-            ).fetchone()
+            return self.part_in(conn, pid)
+
+    @staticmethod
+    def part_in(conn: sqlite3.Connection, pid: PartId) -> PartRecord | None:
+        row = conn.execute(
+            "SELECT length, crc, atime, hits FROM parts "
+            "WHERE oid = ? AND part_size = ? AND number = ? AND writer IS NULL",
+            (pid.object_id, pid.part_size, pid.number),
+        ).fetchone()
         if row is None:
             return None
         return PartRecord(row[0], _unsigned(row[1]), row[2], row[3])

@@ -483,3 +483,31 @@ def test_the_index_of_the_earlier_format_is_migrated(tmp_path: Path) -> None:
         assert cache.totals().bytes == PART
     finally:
         cache.close()
+
+
+def test_the_index_write_queue_hands_the_lock_over_in_arrival_order() -> None:
+    from ossfs_resume.cache.index import FairLock
+
+    lock = FairLock()
+    order: list[int] = []
+    lock.acquire()
+    arrived = threading.Semaphore(0)
+    threads = []
+    for n in range(5):
+
+        def wait_turn(n: int = n) -> None:
+            arrived.release()
+            with lock:
+                order.append(n)
+
+        t = threading.Thread(target=wait_turn)
+        t.start()
+        arrived.acquire()
+        # Wait until this thread is queued before starting the next one.
+        while len(lock._waiters) < n + 1:
+            threading.Event().wait(0.001)
+        threads.append(t)
+    lock.release()  # each release now goes to the longest waiter
+    for t in threads:
+        t.join()
+    assert order == [0, 1, 2, 3, 4]
