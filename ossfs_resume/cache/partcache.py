@@ -67,6 +67,8 @@ T = TypeVar("T")
 #: A transient index failure is retried after this long.
 RETRY_SECONDS = 5.0
 INDEX_NAME = "index.db"
+#: Every SQLite database file starts with these bytes (written when WAL mode is set).
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def object_id(store_id: str, bucket: str, key: str, etag: str) -> str:
@@ -302,6 +304,10 @@ class PartCache:
         except OSError:
             same = False
         if same:
+            if not self._header_intact():
+                # SQLite may serve this process from its page cache for a long time;
+                # others (and our next start) would find the file damaged.
+                self._failed(sqlite3.DatabaseError("file is not a database (header lost)"), index)
             return
         with self._reopen_lock:
             if self._index is not index:
@@ -322,6 +328,15 @@ class PartCache:
                 self._index_down(exc)
                 return
             self._open_index()
+
+    def _header_intact(self) -> bool:
+        """False if the index file no longer starts with SQLite's header (overwritten or
+        truncated under us); True if it does, or cannot be read right now."""
+        try:
+            with open(self.index_path, "rb") as f:
+                return f.read(len(_SQLITE_HEADER)) == _SQLITE_HEADER
+        except OSError:
+            return True  # a disk fault: the index reports it when it is used
 
     def _settle_limits(self, max_bytes: int | None, min_free_bytes: int | None) -> Limits:
         """One limit per cache dir: given values are stored for every process; else stored
