@@ -270,17 +270,35 @@ class PartCache:
             self.check_consistency(background=True)
         return index
 
-    def _failed(self, exc: BaseException, index: PartIndex) -> None:
+    def _failed(self, exc: BaseException, index: PartIndex, *, confirmed: bool = False) -> None:
         """Handle an index error: corrupt -> replace; anything else -> an outage."""
         with self._reopen_lock:
             if self._index is not index:
                 return  # already handled by another thread
-            if is_corrupt(exc) and self._repair:
+            if is_corrupt(exc) and self._repair and (confirmed or self._really_corrupt()):
                 self._replace_corrupt(exc, index)
                 return
             index.close()
             self._index = None
             self._index_down(exc)
+
+    def _really_corrupt(self) -> bool:
+        """Confirm a "malformed" error with a fresh connection's quick check.
+
+        After a write fails on a failing disk (EIO), SQLite can report the database
+        as malformed to the other connections of the process: a disk fault, not a
+        damaged file, and the cache must not be thrown away for it. A fresh
+        connection then gets the I/O error itself, or finds the file sound.
+        """
+        try:
+            conn = sqlite3.connect(self.index_path, timeout=1.0)
+            try:
+                row = conn.execute("PRAGMA quick_check(1)").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            return is_corrupt(exc)
+        return row is None or row[0] != "ok"
 
     def _with_index(self, fn: Callable[[PartIndex], T], default: T) -> T:
         index = self._usable()
@@ -307,7 +325,11 @@ class PartCache:
             if not self._header_intact():
                 # SQLite may serve this process from its page cache for a long time;
                 # others (and our next start) would find the file damaged.
-                self._failed(sqlite3.DatabaseError("file is not a database (header lost)"), index)
+                self._failed(
+                    sqlite3.DatabaseError("file is not a database (header lost)"),
+                    index,
+                    confirmed=True,
+                )
             return
         with self._reopen_lock:
             if self._index is not index:
