@@ -354,6 +354,9 @@ def _disk_fault_while_mounted(
     finally:
         mounter.unmount(mount)
     no_traceback(mount)
+    # A disk fault is transient: the index is kept, never moved aside as damaged.
+    assert "is damaged" not in mount.log(), mount.log()
+    assert not list((faultfs.backing / "cache").glob("index.broken-*"))
     backing_cache = faultfs.backing / "cache"
     sweep_cache(backing_cache)
     assert_cache_consistent(backing_cache)
