@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -76,10 +78,14 @@ def store_env(store: LocalStore, protocol: str = "s3") -> dict[str, str]:
 
 
 def run_cli(
-    args: list[str], env: dict[str, str] | None = None, timeout: float = 60
+    args: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    wrapper: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """Run the CLI; `wrapper` goes before it (e.g. ``["prlimit", "--nofile=1024:1024"]``)."""
     return subprocess.run(
-        [*CLI, *args],
+        [*(wrapper or []), *CLI, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -159,6 +165,7 @@ class Mounter:
         prefix: str = "",
         extra: list[str] | None = None,
         name: str | None = None,
+        wrapper: list[str] | None = None,
     ) -> Mount:
         index = len(self.mounts)
         path = self.base / (name or f"mnt{index}")
@@ -179,7 +186,7 @@ class Mounter:
             "-v",
             *(extra or []),
         ]
-        result = run_cli(args, env=store_env(self.store, protocol))
+        result = run_cli(args, env=store_env(self.store, protocol), wrapper=wrapper)
         mount = Mount(path, cache, log_file)
         self.mounts.append(mount)
         assert result.returncode == 0, f"mount failed: {result.stderr}\n{mount.log()}"
@@ -202,3 +209,72 @@ def mounter(store: LocalStore, tmp_path: Path) -> Iterator[Mounter]:
         yield m
     finally:
         m.cleanup()
+
+
+# -- the part cache's consistency ------------------------------------------------------
+
+_PART_NAME = re.compile(r"^(\d+)-(\d+)$")
+
+
+def sweep_cache(cache_dir: Path) -> int:
+    """Run the start-up sweep on `cache_dir` (the code path a mount runs at start), in a
+    process of its own; returns the rows it dropped."""
+    code = (
+        "import sys\n"
+        "from ossfs_resume.cache import PartCache\n"
+        "cache = PartCache(sys.argv[1])\n"
+        "print(cache.check_consistency())\n"
+        "cache.close()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(cache_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def cache_rows(cache_dir: Path) -> list[tuple[str, int, int, int, str | None]]:
+    """(oid, part size, number, length, writer) of every part row, read-only."""
+    index = Path(cache_dir) / "index.db"
+    conn = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT oid, part_size, number, length, writer FROM parts").fetchall()
+    finally:
+        conn.close()
+
+
+def assert_cache_consistent(cache_dir: Path | str) -> None:
+    """The cache at `cache_dir` (no process using it) is consistent: every ready row has a
+    part file of its length, every part file has a row, no reservation and no temp file
+    is left, and `ossfs-resume cache verify` finds nothing bad."""
+    cache_dir = Path(cache_dir)
+    rows = cache_rows(cache_dir)
+    reservations = [r for r in rows if r[4] is not None]
+    assert not reservations, f"reservations left: {reservations[:5]}"
+    known = {(oid, size, number): length for oid, size, number, length, _ in rows}
+    parts = cache_dir / "parts"
+    for (oid, size, number), length in known.items():
+        path = parts / oid[:2] / oid / f"{size}-{number}"
+        assert path.is_file(), f"row without a file: {path}"
+        assert path.stat().st_size == length, (path, path.stat().st_size, length)
+    strays, temps = [], []
+    for path in parts.rglob("*"):
+        if path.is_dir():
+            continue
+        if path.name.endswith(".tmp"):
+            temps.append(path)
+            continue
+        match = _PART_NAME.match(path.name)
+        oid = path.parent.name
+        if not match or (oid, int(match.group(1)), int(match.group(2))) not in known:
+            strays.append(path)
+    assert not temps, f"temp files left: {temps[:5]}"
+    assert not strays, f"part files without a row: {strays[:5]}"
+    verify = run_cli(["cache", "verify", "--cache-dir", str(cache_dir)], timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -82,6 +82,13 @@ class Evictor:
         st = os.statvfs(self.files.dir.parent)
         return st.f_bavail * st.f_frsize
 
+    def _free_in(self, conn: sqlite3.Connection) -> int:
+        """Free disk space not yet promised: the disk's free bytes less the bytes reserved
+        by writers (of every process) that may not be on the disk yet. Without this,
+        parallel writers each see the same free space and together fill the disk."""
+        row = conn.execute("SELECT sum(length) FROM parts WHERE writer IS NOT NULL").fetchone()
+        return self.free_disk() - (row[0] or 0)
+
     def _over(self, used: int, free: int, incoming: int) -> bool:
         return (
             used + incoming > self.limits.max_bytes or free - incoming < self.limits.min_free_bytes
@@ -99,7 +106,7 @@ class Evictor:
             if index.row_state(conn, pid) is not None:
                 return False
             used = index.totals_in(conn).bytes
-            free = self.free_disk()
+            free = self._free_in(conn)
             if self._over(used, free, record.length):
                 busy = self._busy()
                 for victim in index.oldest(conn, SYNC_VICTIMS + len(busy)):
@@ -167,7 +174,7 @@ class Evictor:
             started = time.monotonic()
             with index.writing() as conn:
                 used = index.totals_in(conn).bytes
-                free = self.free_disk()
+                free = self._free_in(conn)
                 if used <= target and free >= floor:
                     break
                 victims = [v for v in index.oldest(conn, BATCH + len(busy)) if v.pid not in busy][

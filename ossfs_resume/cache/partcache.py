@@ -67,6 +67,8 @@ T = TypeVar("T")
 #: A transient index failure is retried after this long.
 RETRY_SECONDS = 5.0
 INDEX_NAME = "index.db"
+#: Every SQLite database file starts with these bytes (written when WAL mode is set).
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def object_id(store_id: str, bucket: str, key: str, etag: str) -> str:
@@ -268,17 +270,35 @@ class PartCache:
             self.check_consistency(background=True)
         return index
 
-    def _failed(self, exc: BaseException, index: PartIndex) -> None:
+    def _failed(self, exc: BaseException, index: PartIndex, *, confirmed: bool = False) -> None:
         """Handle an index error: corrupt -> replace; anything else -> an outage."""
         with self._reopen_lock:
             if self._index is not index:
                 return  # already handled by another thread
-            if is_corrupt(exc) and self._repair:
+            if is_corrupt(exc) and self._repair and (confirmed or self._really_corrupt()):
                 self._replace_corrupt(exc, index)
                 return
             index.close()
             self._index = None
             self._index_down(exc)
+
+    def _really_corrupt(self) -> bool:
+        """Confirm a "malformed" error with a fresh connection's quick check.
+
+        After a write fails on a failing disk (EIO), SQLite can report the database
+        as malformed to the other connections of the process: a disk fault, not a
+        damaged file, and the cache must not be thrown away for it. A fresh
+        connection then gets the I/O error itself, or finds the file sound.
+        """
+        try:
+            conn = sqlite3.connect(self.index_path, timeout=1.0)
+            try:
+                row = conn.execute("PRAGMA quick_check(1)").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            return is_corrupt(exc)
+        return row is None or row[0] != "ok"
 
     def _with_index(self, fn: Callable[[PartIndex], T], default: T) -> T:
         index = self._usable()
@@ -302,6 +322,14 @@ class PartCache:
         except OSError:
             same = False
         if same:
+            if not self._header_intact():
+                # SQLite may serve this process from its page cache for a long time;
+                # others (and our next start) would find the file damaged.
+                self._failed(
+                    sqlite3.DatabaseError("file is not a database (header lost)"),
+                    index,
+                    confirmed=True,
+                )
             return
         with self._reopen_lock:
             if self._index is not index:
@@ -322,6 +350,15 @@ class PartCache:
                 self._index_down(exc)
                 return
             self._open_index()
+
+    def _header_intact(self) -> bool:
+        """False if the index file no longer starts with SQLite's header (overwritten or
+        truncated under us); True if it does, or cannot be read right now."""
+        try:
+            with open(self.index_path, "rb") as f:
+                return f.read(len(_SQLITE_HEADER)) == _SQLITE_HEADER
+        except OSError:
+            return True  # a disk fault: the index reports it when it is used
 
     def _settle_limits(self, max_bytes: int | None, min_free_bytes: int | None) -> Limits:
         """One limit per cache dir: given values are stored for every process; else stored
