@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from .index import PartId, PartIndex, PartRecord
 from .partfiles import PartFiles
+from .writers import writer_alive
 
 log = logging.getLogger("ossfs_resume.cache")
 
@@ -103,8 +104,14 @@ class Evictor:
         """
         index = self._index_of()
         with index.writing() as conn:
-            if index.row_state(conn, pid) is not None:
-                return False
+            state = index.row_state(conn, pid)
+            if state is not None:
+                if state == "ready" or writer_alive(state):
+                    return False
+                # A reservation of a process that died: take it over, or the part could
+                # not be cached (and its bytes would count) until the next start-up check.
+                self.files.unlink(pid)
+                index.delete_part(conn, pid)
             used = index.totals_in(conn).bytes
             free = self._free_in(conn)
             if self._over(used, free, record.length):

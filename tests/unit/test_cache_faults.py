@@ -195,7 +195,7 @@ def test_reservations_are_visible_to_every_process(tmp_path: Path) -> None:
     b = PartCache(tmp_path)
     try:
         record = PartRecord(PART, 0, 1.0, 0)
-        assert a.evictor.reserve(_pid(0), record, "other-writer")
+        assert a.evictor.reserve(_pid(0), record, f"{os.getppid()}-0")
         assert b.totals().bytes == PART  # b sees a's write in flight
         assert b.store(_pid(1), _data())
         assert b.store(_pid(2), _data())
@@ -210,7 +210,8 @@ def test_reservations_are_visible_to_every_process(tmp_path: Path) -> None:
 
 def test_a_part_reserved_by_another_writer_is_not_written_twice(cache: PartCache) -> None:
     record = PartRecord(PART, 0, 1.0, 0)
-    assert cache.evictor.reserve(_pid(), record, "someone-else")
+    someone_else = f"{os.getppid()}-0"  # a live process (start time not recorded)
+    assert cache.evictor.reserve(_pid(), record, someone_else)
     assert cache.store(_pid(), _data()) is True  # someone else is putting it there
     assert not cache.part_path(_pid()).exists()
     assert cache.writes_refused() is None
@@ -511,3 +512,17 @@ def test_the_index_write_queue_hands_the_lock_over_in_arrival_order() -> None:
     for t in threads:
         t.join()
     assert order == [0, 1, 2, 3, 4]
+
+
+def test_a_reservation_of_a_dead_writer_is_taken_over(cache: PartCache) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    record = PartRecord(PART, 0, 1.0, 0)
+    assert cache.evictor.reserve(_pid(), record, f"{dead.stdout.strip()}-1")
+    assert cache.store(_pid(), _data())
+    assert cache.read(_pid(), 0, 4) == _data()[:4]
+    assert cache.totals().bytes == PART  # the dead reservation no longer counts
