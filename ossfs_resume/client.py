@@ -43,7 +43,14 @@ from .errors import (
     StoreUnavailableError,
     UsageError,
 )
-from .signing import Credentials, canonical_query, sign_oss_v1, sign_oss_v4, sign_s3_v4, uri_encode
+from .signing import (
+    Credentials,
+    canonical_query,
+    encode_key_path,
+    sign_oss_v1,
+    sign_oss_v4,
+    sign_s3_v4,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +209,7 @@ class StoreClient:
         self._scheme = split.scheme
         self._netloc = split.netloc
         self._host = split.hostname or ""
+        self._verify: bool | str = True
 
     # -- public API -------------------------------------------------------
 
@@ -364,8 +372,11 @@ class StoreClient:
             )
 
     def _url_and_path(self, key: str) -> tuple[str, str, str]:
-        """(base URL without query, host header, encoded path) for bucket + key."""
-        encoded_key = uri_encode(key, keep_slash=True)
+        """(base URL without query, host header, encoded path) for bucket + key.
+
+        Dot segments are escaped (see encode_key_path): the path names exactly `key`.
+        """
+        encoded_key = encode_key_path(key)
         bucket = self.config.bucket
         if self.config.path_style:
             path = f"/{bucket}/{encoded_key}"
@@ -426,14 +437,7 @@ class StoreClient:
                 url = f"{url}?{qs}"
             started = time.monotonic()
             try:
-                resp = self._session.request(
-                    method,
-                    url,
-                    headers=hdrs,
-                    stream=stream,
-                    timeout=(self.config.connect_timeout, self.config.read_timeout),
-                    allow_redirects=False,
-                )
+                resp = self._send(method, url, path, qs, hdrs, stream)
             except (
                 requests.ConnectionError,
                 requests.Timeout,
@@ -467,6 +471,27 @@ class StoreClient:
                 self._retrying(method, key, str(error), attempt)
                 continue
             raise error
+
+    def _send(
+        self, method: str, url: str, path: str, qs: str, headers: dict[str, str], stream: bool
+    ) -> requests.Response:
+        """One HTTP exchange, with the path and query exactly as encoded and signed."""
+        prepared = self._session.prepare_request(requests.Request(method, url, headers=headers))
+        # Preparing re-quotes the URL: it turns %2E back into "." and drops dot segments,
+        # so the request would name another key than the one signed. Keep requests'
+        # scheme and host, put back our path and query.
+        split = urlsplit(prepared.url)
+        prepared.url = f"{split.scheme}://{split.netloc}{path}" + (f"?{qs}" if qs else "")
+        # What Session.request adds: proxies and CA bundle from the environment.
+        settings = self._session.merge_environment_settings(
+            prepared.url, {}, stream, self._verify, None
+        )
+        return self._session.send(
+            prepared,
+            timeout=(self.config.connect_timeout, self.config.read_timeout),
+            allow_redirects=False,
+            **settings,
+        )
 
     def _retrying(self, method: str, key: str, reason: str, attempt: int) -> None:
         self.counters.add("retries")

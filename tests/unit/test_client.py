@@ -68,6 +68,7 @@ class Seen:
     key: str
     query: dict[str, str]
     headers: dict[str, str]  # lower-cased names
+    target: str = ""  # the request target exactly as received: encoded path and query
 
 
 @dataclass
@@ -146,7 +147,7 @@ class FakeStoreHandler(BaseHTTPRequestHandler):
         bucket, _, key = path.lstrip("/").partition("/")
         query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         headers = {k.lower(): v for k, v in self.headers.items()}
-        store.record(Seen(method, bucket, key, query, headers))
+        store.record(Seen(method, bucket, key, query, headers, self.path))
         fault = store.next_fault()
 
         if fault in ("500", "503"):
@@ -512,11 +513,11 @@ class _Outage:
     network, and while `down` fails each as a refused connection."""
 
     def __init__(self, client: StoreClient) -> None:
-        self.real = client._session.request
+        self.real = client._session.send
         self.down = False
         self.sent = 0
         self.while_sending: Callable[[], None] | None = None  # runs inside the next request
-        client._session.request = self  # type: ignore[method-assign]
+        client._session.send = self  # type: ignore[method-assign]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.sent += 1
@@ -816,6 +817,112 @@ def test_head_key_with_odd_characters(client: StoreClient, store: FakeStore) -> 
     meta = client.head(key)
     assert meta.size == 2
     assert store.requests("HEAD")[0].key == key  # the path was encoded, not mangled
+
+
+# -- keys with dot segments --------------------------------------------------
+
+# key -> the path the store must receive after /bucket/: dot segments escaped, so
+# no HTTP layer resolves them and the request names exactly the key given.
+DOT_KEYS = {
+    "a/../../x": "a/%2E%2E/%2E%2E/x",
+    "./k": "%2E/k",
+    "a/./b": "a/%2E/b",
+    "..": "%2E%2E",
+    "a/.../b.c": "a/.../b.c",  # not dot segments: sent as they are
+}
+DIALECTS = {
+    "s3": {"protocol": "s3"},
+    "oss-v4": {"protocol": "oss", "signature_version": "v4"},
+    "oss-v1": {"protocol": "oss", "signature_version": "v1"},
+}
+
+
+def _sdk_authorization(seen: Seen, dialect: str, endpoint: str) -> str:
+    """The Authorization header an official SDK computes for `seen` as the store received it."""
+    creds = ("AKIDEXAMPLE", SECRET)
+    if dialect == "s3":
+        botocore_auth = pytest.importorskip("botocore.auth")
+        awsrequest = pytest.importorskip("botocore.awsrequest")
+        boto_creds = pytest.importorskip("botocore.credentials")
+        boto_config = pytest.importorskip("botocore.config")
+        when = datetime.strptime(seen.headers["x-amz-date"], "%Y%m%dT%H%M%SZ")
+        signed = {k: v for k, v in seen.headers.items() if k in ("range", "if-match")}
+        # botocore signs the path of the URL it is given as is (S3 does not normalise).
+        req = awsrequest.AWSRequest(method=seen.method, url=endpoint + seen.target, headers=signed)
+        req.context["client_config"] = boto_config.Config(s3={"payload_signing_enabled": False})
+        auth = botocore_auth.S3SigV4Auth(boto_creds.Credentials(*creds), "s3", "us-east-1")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(botocore_auth, "get_current_datetime", lambda *a, **k: when)
+            auth.add_auth(req)
+        return req.headers["Authorization"]
+    signer_mod = pytest.importorskip("alibabacloud_oss_v2.signer")
+    types = pytest.importorskip("alibabacloud_oss_v2.types")
+    if dialect == "oss-v4":
+        when = datetime.strptime(seen.headers["x-oss-date"], "%Y%m%dT%H%M%SZ")
+    else:
+        when = email.utils.parsedate_to_datetime(seen.headers["date"])
+    request = types.HttpRequest(seen.method, endpoint + seen.target)
+    request.headers.update({k: v for k, v in seen.headers.items() if k.startswith("x-oss-")})
+    for name in ("x-oss-date", "date", "authorization", "x-oss-content-sha256"):
+        request.headers.pop(name, None)
+    ctx = types.SigningContext(
+        product="oss",
+        region="cn-hangzhou",
+        bucket=seen.bucket,
+        key=seen.key,  # the key the store decoded from the path it received
+        request=request,
+        credentials=types.Credentials(*creds),
+        signing_time=when.replace(tzinfo=timezone.utc),
+    )
+    (signer_mod.SignerV4 if dialect == "oss-v4" else signer_mod.SignerV1)().sign(ctx)
+    return {k.lower(): v for k, v in request.headers.items()}["authorization"]
+
+
+@pytest.mark.parametrize("dialect", list(DIALECTS))
+@pytest.mark.parametrize(("key", "path"), list(DOT_KEYS.items()))
+def test_dot_segments_name_exactly_the_key(
+    make_client: Any,
+    server: FakeStoreServer,
+    store: FakeStore,
+    key: str,
+    path: str,
+    dialect: str,
+) -> None:
+    store.put(key, b"the object named by the key as typed")
+    store.put("x", b"another object")  # what a normalised a/../../x would name
+    client = make_client(credentials=Credentials("AKIDEXAMPLE", SECRET), **DIALECTS[dialect])
+    assert client.head(key).size == 36
+    assert bytes(client.get_range(key, 4, 9)) == b"object"
+    seen = store.requests()
+    assert [(s.method, s.target) for s in seen] == [
+        ("HEAD", f"/{BUCKET}/{path}"),
+        ("GET", f"/{BUCKET}/{path}"),
+    ]
+    for s in seen:
+        assert (s.bucket, s.key) == (BUCKET, key)
+        # Signed over the path as sent: the SDK, given the request as received, agrees.
+        assert s.headers["authorization"] == _sdk_authorization(s, dialect, server.endpoint)
+
+
+def test_dot_segment_key_missing_is_not_found_for_that_key(
+    client: StoreClient, store: FakeStore
+) -> None:
+    store.put("x", b"another object")
+    with pytest.raises(NotFoundError, match=r"s3://bkt/a/\.\./\.\./x: no such object"):
+        client.head("a/../../x")
+    assert [s.target for s in store.requests()] == [f"/{BUCKET}/a/%2E%2E/%2E%2E/x"]
+
+
+@pytest.mark.parametrize("addressing", ["path", "virtual"])
+def test_query_is_sent_as_signed(make_client: Any, store: FakeStore, addressing: str) -> None:
+    # The URL is no longer re-quoted by requests: the query must still arrive intact.
+    client = make_client(credentials=Credentials("AKIDEXAMPLE", SECRET))
+    store.put("d/./e ~f", b"z")
+    pages = list(client.list("d/./e ~"))
+    assert [o.key for p in pages for o in p.objects] == ["d/./e ~f"]
+    assert store.requests()[0].target == (
+        f"/{BUCKET}/?delimiter=%2F&encoding-type=url&list-type=2&max-keys=1000&prefix=d%2F.%2Fe%20~"
+    )
 
 
 # -- dialects and signing ------------------------------------------------------
