@@ -119,3 +119,30 @@ def test_credentials_never_appear_in_output_or_logs(store, mnt: Path, tmp_path: 
     assert result.returncode != 0
     text = result.stdout + result.stderr + (log_file.read_text() if log_file.exists() else "")
     assert "sup3r-s3cret-value" not in text
+
+
+@pytest.mark.parametrize("protocol", ["s3", "oss"])
+def test_dot_segments_in_a_key_never_name_another_object(
+    store, proxy, sample_tree, tmp_path: Path, protocol: str
+):
+    # Resolved, a/../big/blob.bin is big/blob.bin, which exists: the download must not
+    # fetch it. The store gets the key as typed (it refuses such keys: 400 from SeaweedFS).
+    assert "big/blob.bin" in sample_tree
+    typed = "a/../big/blob.bin"
+    out = tmp_path / "blob.bin"
+    result = run_cli(
+        [
+            "download",
+            f"{protocol}://{store.bucket}/{typed}",
+            str(out),
+            "--endpoint",
+            proxy.endpoint,
+            "--progress",
+            "never",
+        ],
+        env=store_env(store, protocol),
+    )
+    assert_one_line_error(result, f"{protocol}://{store.bucket}/{typed}")
+    assert list(tmp_path.iterdir()) == []  # no file, no checkpoint
+    targets = [target for _method, target, _range in proxy.requests()]
+    assert targets == [f"/{store.bucket}/a/%2E%2E/big/blob.bin"]
