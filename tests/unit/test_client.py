@@ -12,12 +12,14 @@ from __future__ import annotations
 import email.utils
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
 from xml.sax.saxutils import escape
@@ -27,9 +29,12 @@ import requests
 
 from ossfs_resume.checksum import crc64
 from ossfs_resume.client import (
+    CA_BUNDLE_ENV,
     ObjectMeta,
     StoreClient,
     StoreConfig,
+    ca_bundle_from_env,
+    check_endpoint,
     credentials_from_env,
     parse_iso8601,
 )
@@ -42,6 +47,7 @@ from ossfs_resume.errors import (
     ProtocolError,
     StoreError,
     StoreUnavailableError,
+    TLSError,
     UsageError,
 )
 from ossfs_resume.signing import Credentials
@@ -580,15 +586,18 @@ def test_unreachable_store_latches_then_probes_once_then_recovers(
     assert client.head("small.txt").size == 11
     assert bytes(client.get_range("small.txt", 0, 4)) == b"hello"
     assert outage.sent == 6
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "unreachable" in warnings[0]
+    down = [r for r in caplog.records if "is unreachable" in r.getMessage()]
+    # Never answered before: the caller's error says it all, so the log line is only INFO
+    # (a command's stderr shows one line, not a warning and then the same error).
+    assert len(down) == 1 and down[0].levelno == logging.INFO
     assert any("answers again" in r.getMessage() for r in caplog.records)
 
 
 def test_after_recovery_a_new_outage_gets_full_retries(
-    latched: tuple[StoreClient, _Outage, _Clock],
+    latched: tuple[StoreClient, _Outage, _Clock], caplog: pytest.LogCaptureFixture
 ) -> None:
     client, outage, clock = latched
+    caplog.set_level(logging.INFO, logger="ossfs_resume.client")
     outage.down = True
     with pytest.raises(StoreUnavailableError):
         client.head("small.txt")
@@ -600,6 +609,9 @@ def test_after_recovery_a_new_outage_gets_full_retries(
     with pytest.raises(StoreUnavailableError):
         client.head("small.txt")
     assert outage.sent - sent == 3  # not a single-attempt probe: the store was up
+    # An outage of a store that had answered is news: a warning in the mount's log.
+    down = [r.levelno for r in caplog.records if "is unreachable" in r.getMessage()]
+    assert down == [logging.INFO, logging.WARNING]
 
 
 def test_one_probe_at_a_time(latched: tuple[StoreClient, _Outage, _Clock]) -> None:
@@ -983,9 +995,116 @@ def test_s3_session_token_is_sent(make_client: Any, store: FakeStore) -> None:
     assert store.requests()[0].headers["x-amz-security-token"] == "tok-123"
 
 
-def test_store_config_rejects_bad_endpoint() -> None:
-    with pytest.raises(UsageError, match="bad endpoint"):
-        StoreConfig(protocol="s3", endpoint="127.0.0.1:9000", bucket=BUCKET)
+@pytest.mark.parametrize(
+    ("endpoint", "needle"),
+    [
+        ("127.0.0.1:9000", "expected http(s)://host[:port]"),
+        ("http://127.0.0.1:99999", "Port out of range"),
+        ("http://127.0.0.1:0", "port must be 1..65535"),
+        ("http://127.0.0.1:x", "Port could not be cast"),
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("ftp://host", "expected http(s)"),
+        ("http://host/some/path", "no path or query"),
+        ("http://host?x=1", "no path or query"),
+    ],
+)
+def test_store_config_rejects_bad_endpoint(endpoint: str, needle: str) -> None:
+    with pytest.raises(UsageError, match="bad endpoint") as info:
+        StoreConfig(protocol="s3", endpoint=endpoint, bucket=BUCKET)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_endpoint_with_a_password_is_refused_without_echoing_it() -> None:
+    with pytest.raises(UsageError) as info:
+        check_endpoint("http://user:hunter2@127.0.0.1:9000")
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["http://h", "https://h:443", "http://[::1]:9000", "http://h/"]
+)
+def test_good_endpoints(endpoint: str) -> None:
+    check_endpoint(endpoint)
+
+
+def test_ca_bundle_from_env_order() -> None:
+    assert CA_BUNDLE_ENV == ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+    env = {"SSL_CERT_FILE": "/s", "REQUESTS_CA_BUNDLE": "/r", "AWS_CA_BUNDLE": "/a"}
+    assert ca_bundle_from_env(env) == ("/a", "AWS_CA_BUNDLE")
+    del env["AWS_CA_BUNDLE"]
+    assert ca_bundle_from_env(env) == ("/r", "REQUESTS_CA_BUNDLE")
+    env["REQUESTS_CA_BUNDLE"] = ""  # set but empty: as if unset
+    assert ca_bundle_from_env(env) == ("/s", "SSL_CERT_FILE")
+    assert ca_bundle_from_env({}) is None
+
+
+# -- TLS ---------------------------------------------------------------------------
+
+
+class TLSFakeStoreServer(FakeStoreServer):
+    """The fake store over TLS; counts connections, handshakes that fail included."""
+
+    def __init__(self, store: FakeStore, cert: Path, key: Path) -> None:
+        super().__init__(store)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        self.connections = 0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        self.connections += 1
+        sock.settimeout(5)
+        # The handshake happens here; a client refusing the certificate makes it raise,
+        # and the server drops that connection.
+        return self.context.wrap_socket(sock, server_side=True), addr
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def tls_server(store: FakeStore, tls_cert: tuple[Path, Path]) -> Iterator[TLSFakeStoreServer]:
+    with serving(TLSFakeStoreServer(store, *tls_cert)) as srv:
+        yield srv
+
+
+def test_untrusted_certificate_fails_at_once_saying_why(tls_server: TLSFakeStoreServer) -> None:
+    client = StoreClient(_config(tls_server.endpoint, down_latch=0))
+    try:
+        with pytest.raises(TLSError) as info:
+            client.head("small.txt")
+        message = str(info.value)
+        assert message.startswith(f"cannot connect to {tls_server.endpoint} securely: ")
+        assert "certificate verify failed: self" in message  # self-signed / self signed
+        assert message.endswith("; see --ca-bundle")
+        assert tls_server.connections == 1  # not retried: retrying cannot fix a certificate
+        assert client.counters.retries == 0
+    finally:
+        client.close()
+
+
+def test_ca_bundle_trusts_the_certificate(
+    tls_server: TLSFakeStoreServer, tls_cert: tuple[Path, Path]
+) -> None:
+    client = StoreClient(_config(tls_server.endpoint, ca_bundle=str(tls_cert[0])))
+    try:
+        assert client.head("small.txt").size == 11
+        assert bytes(client.get_range("small.txt", 0, 4)) == b"hello"
+    finally:
+        client.close()
+
+
+def test_https_to_a_plain_http_server_says_so(server: FakeStoreServer) -> None:
+    endpoint = server.endpoint.replace("http://", "https://")
+    client = StoreClient(_config(endpoint))
+    try:
+        with pytest.raises(TLSError, match="does not speak TLS"):
+            client.head("small.txt")
+        assert client.counters.retries == 0
+    finally:
+        client.close()
 
 
 # -- credentials_from_env ------------------------------------------------------
