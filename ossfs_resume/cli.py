@@ -331,21 +331,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
         probe.check_access(prefix)
     finally:
         probe.close()
-    cache_usable = True
+    unusable: str | None = None
     try:
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_cache_dir(cache_dir)
     except OSError as exc:
-        cache_usable = False
-        reason = exc
+        unusable = f"cannot create the cache at {cache_dir}: {exc.strerror or exc}"
     except OssfsError as exc:
-        cache_usable = False
-        reason = exc  # type: ignore[assignment]
-    if not cache_usable:
+        unusable = str(exc)
+    cache_usable = unusable is None
+    if unusable:
         # The mount still works, reading straight from the store; say so here, where
         # the user sees it: a background mount's log would live in that very dir.
         print(
-            f"ossfs-resume: warning: {reason}; the mount reads straight from the store",
+            f"ossfs-resume: warning: {unusable}; the mount reads straight from the store",
             file=sys.stderr,
         )
     if not args.foreground and not args.log_file and cache_usable:
