@@ -12,14 +12,23 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
-from .client import StoreClient, StoreConfig, credentials_from_env, store_id
-from .download import add_download_parser, cmd_download
+from .client import (
+    CA_BUNDLE_ENV,
+    StoreClient,
+    StoreConfig,
+    ca_bundle_from_env,
+    check_endpoint,
+    credentials_from_env,
+    store_id,
+)
+from .download import MAX_THREADS, add_download_parser, cmd_download
 from .errors import OssfsError, UsageError
 from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
 from .progress import add_progress_option
@@ -31,6 +40,21 @@ log = logging.getLogger("ossfs_resume")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+#: Upper bound of --max-parallel and --threads: more only adds threads and sockets.
+MAX_PARALLEL = MAX_THREADS
+#: --list-ttl beyond this is 'never'.
+MAX_TTL = 365 * 86400
+#: --read-ahead-kb: 64 MiB, far more than any FUSE read gains from.
+MAX_READ_AHEAD_KB = 65536
+
+
+class _Parser(argparse.ArgumentParser):
+    """Mistakes argparse catches end in one line too, like those the commands raise."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"ossfs-resume: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
 
 
 @dataclass(frozen=True)
@@ -53,20 +77,30 @@ def parse_bucket_url(text: str) -> BucketUrl:
 
 
 def parse_ttl(text: str) -> float:
-    if text.lower() in ("inf", "never", "forever"):
+    """--list-ttl: seconds in 0..MAX_TTL, or 'never' (math.inf). nan and inf are refused."""
+    if text.strip().lower() in ("never", "forever"):
         return math.inf
     try:
         value = float(text)
     except ValueError:
-        raise UsageError(f"bad TTL {text!r}: seconds, or 'never'") from None
-    if value < 0:
-        raise UsageError(f"bad TTL {text!r}: must be >= 0")
+        value = math.nan
+    if not 0 <= value <= MAX_TTL:  # also false for nan
+        raise UsageError(f"bad --list-ttl {text!r}: seconds in 0..{MAX_TTL} (a year), or 'never'")
+    return value
+
+
+def check_range(option: str, value: int, low: int, high: int) -> int:
+    """`value` of `option` if it is in low..high, else one UsageError saying so."""
+    if not low <= value <= high:
+        raise UsageError(f"bad {option} {value}: must be {low}..{high}")
     return value
 
 
 def _store_args(parser: argparse.ArgumentParser, *, endpoint_required: bool = True) -> None:
     parser.add_argument(
-        "--endpoint", required=endpoint_required, help="http(s)://host[:port] of the store"
+        "--endpoint",
+        required=endpoint_required,
+        help="http(s)://host[:port] of the store (port 1..65535)",
     )
     parser.add_argument("--region", help="signing region (derived from OSS endpoints)")
     parser.add_argument(
@@ -80,6 +114,12 @@ def _store_args(parser: argparse.ArgumentParser, *, endpoint_required: bool = Tr
     )
     parser.add_argument(
         "--anonymous", action="store_true", help="send unsigned requests even if keys are set"
+    )
+    parser.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        help="CA certificates (PEM) to verify an https endpoint with; default: the first of "
+        f"${', $'.join(CA_BUNDLE_ENV)} that is set, else the bundled certifi CAs",
     )
 
 
@@ -96,7 +136,7 @@ def _cache_limit_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache-min-free",
-        help="free space to leave on the cache's disk, stored like --cache-size "
+        help="free space to leave on the cache's disk (>= 0), stored like --cache-size "
         "(default: 5%%, <= 4G)",
     )
 
@@ -111,7 +151,7 @@ def cache_limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ossfs-resume",
         description="Mount an OSS or S3-compatible bucket read-only, with a resumable part cache.",
     )
@@ -132,16 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
         dest="list_ttl",
         default="10",
         help="seconds a listing, and the sizes, mtimes and ETags in it, are trusted "
-        "(stats come from listings, so one TTL covers both); 0 = always revalidate; 'never'",
+        f"(stats come from listings, so one TTL covers both): 0..{MAX_TTL}, "
+        "0 = always revalidate, or 'never' (default 10)",
     )
     mount.add_argument(
-        "--max-parallel", type=int, default=16, help="parallel part fetches (default 16)"
+        "--max-parallel",
+        type=int,
+        default=16,
+        help=f"parallel part fetches (1..{MAX_PARALLEL}, default 16)",
     )
     mount.add_argument(
         "--read-ahead-kb",
         type=int,
         default=1024,
-        help="kernel read-ahead for the mount (needs root; 0 keeps the kernel's 128)",
+        help=f"kernel read-ahead for the mount (0..{MAX_READ_AHEAD_KB}, default 1024; "
+        "needs root; 0 keeps the kernel's 128)",
     )
     _cache_limit_args(mount)
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
@@ -151,14 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
         "prefetch", help="fill the part cache for whole files (parallel, resumable)"
     )
     prefetch.add_argument(
-        "targets", nargs="+", metavar="TARGET", help="a file in a mount, or oss://BUCKET/KEY"
+        "targets",
+        nargs="+",
+        metavar="TARGET",
+        help="a file in a mount, or oss://BUCKET/KEY (one object: not a bucket or directory)",
     )
     _store_args(prefetch, endpoint_required=False)
     prefetch.add_argument("--cache-dir", help="cache dir (for oss:// targets; default as mount)")
     prefetch.add_argument(
-        "--part-size", default=str(DEFAULT_PART_SIZE), help="part size for oss:// targets"
+        "--part-size",
+        default=str(DEFAULT_PART_SIZE),
+        help="part size for oss:// targets, e.g. 8M (100K..5G)",
     )
-    prefetch.add_argument("--threads", type=int, default=8, help="parallel part fetches")
+    prefetch.add_argument(
+        "--threads",
+        type=int,
+        default=8,
+        help=f"parallel part fetches (1..{MAX_PARALLEL}, default 8)",
+    )
     _cache_limit_args(prefetch)
     add_progress_option(prefetch)
     _common_args(prefetch)
@@ -188,6 +243,7 @@ def make_client(
 ) -> StoreClient:
     creds = None if args.anonymous else credentials_from_env(url.protocol)  # type: ignore[arg-type]
     config = StoreConfig(
+        ca_bundle=resolve_ca_bundle(getattr(args, "ca_bundle", None)),
         protocol=url.protocol,  # type: ignore[arg-type]
         endpoint=args.endpoint.rstrip("/"),
         bucket=url.bucket,
@@ -199,6 +255,40 @@ def make_client(
         **kw,
     )
     return StoreClient(config)
+
+
+def resolve_ca_bundle(option: str | None) -> str | None:
+    """The CA bundle to verify https with: --ca-bundle, else CA_BUNDLE_ENV; checked to exist."""
+    if option:
+        path, source = option, "--ca-bundle"
+    else:
+        found = ca_bundle_from_env()
+        if found is None:
+            return None
+        path, source = found[0], f"${found[1]}"
+    if not os.path.isfile(path):
+        what = "is not a file" if os.path.exists(path) else "does not exist"
+        raise UsageError(f"{source} {path} {what}: expected a PEM file of CA certificates")
+    return os.path.abspath(path)
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """Fail before any request or write unless `cache_dir` is, or can become, a cache dir.
+
+    A real probe file, not os.access(): root passes access() on a read-only mount.
+    """
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UsageError(f"--cache-dir {cache_dir} is not a directory")
+    if not cache_dir.is_dir():
+        return  # created on first use; a parent that refuses says so then
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ossfs-resume-probe-", dir=cache_dir)
+    except OSError as exc:
+        raise OssfsError(
+            f"cannot use the cache at {cache_dir}: it is not writable ({exc.strerror or exc})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_mountpoint(path: str) -> None:
@@ -224,11 +314,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
     url = parse_bucket_url(args.url)
     part_size = check_part_size(args.part_size)
     list_ttl = parse_ttl(args.list_ttl)
-    if args.max_parallel < 1:
-        raise UsageError("--max-parallel must be at least 1")
+    check_range("--max-parallel", args.max_parallel, 1, MAX_PARALLEL)
+    check_range("--read-ahead-kb", args.read_ahead_kb, 0, MAX_READ_AHEAD_KB)
+    cache_size, cache_min_free = cache_limits(args)
     mountpoint = os.path.abspath(args.mountpoint)
     check_mountpoint(mountpoint)
     cache_dir = Path(args.cache_dir or default_cache_dir()).absolute()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        # Not merely unusable: a mistake, and the log that would say so lives in that dir.
+        raise UsageError(f"--cache-dir {cache_dir} is not a directory")
     prefix = url.key if not url.key or url.key.endswith("/") else url.key + "/"
 
     # Fail before mounting: a wrong endpoint, bucket or key pair is one clear line.
@@ -237,12 +331,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
         probe.check_access(prefix)
     finally:
         probe.close()
-    cache_size, cache_min_free = cache_limits(args)
-    cache_usable = True
+    unusable: str | None = None
     try:
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError:
-        cache_usable = False  # the mount reads straight from the store, with a warning
+        check_cache_dir(cache_dir)
+    except OSError as exc:
+        unusable = f"cannot create the cache at {cache_dir}: {exc.strerror or exc}"
+    except OssfsError as exc:
+        unusable = str(exc)
+    cache_usable = unusable is None
+    if unusable:
+        # The mount still works, reading straight from the store; say so here, where
+        # the user sees it: a background mount's log would live in that very dir.
+        print(
+            f"ossfs-resume: warning: {unusable}; the mount reads straight from the store",
+            file=sys.stderr,
+        )
     if not args.foreground and not args.log_file and cache_usable:
         args.log_file = str(cache_dir / "ossfs-resume.log")
         _setup_logging(args)
@@ -287,60 +391,92 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from .core import default_cache_dir
-    from .prefetch import MountedSource, prefetch_object
+    from .prefetch import MountedSource
+
+    check_range("--threads", args.threads, 1, MAX_PARALLEL)
+    cache_size, cache_min_free = cache_limits(args)
+    # Every target is checked before anything is fetched or written.
+    jobs: list[tuple[StoreClient, str, str, int]] = []
+    try:
+        for target in args.targets:
+            if "://" in target:
+                url = parse_bucket_url(target)
+                if not url.key or url.key.endswith("/"):
+                    what = "a directory" if url.key else "a bucket"
+                    raise UsageError(
+                        f"prefetch needs an object key: {target} names {what} (expected "
+                        f"{url.protocol}://BUCKET/KEY; directories are not supported yet)"
+                    )
+                if not args.endpoint:
+                    raise UsageError(f"{target}: --endpoint is needed for a URL target")
+                part_size = check_part_size(args.part_size)
+                cache_dir = str(Path(args.cache_dir or default_cache_dir()).absolute())
+                store_args = args
+            else:
+                src = MountedSource.from_path(target)
+                url = BucketUrl(src.protocol, src.bucket, src.key)
+                store_args = argparse.Namespace(
+                    endpoint=src.endpoint,
+                    region=src.region,
+                    signature_version=src.signature_version,
+                    addressing=src.addressing,
+                    anonymous=src.anonymous,
+                    ca_bundle=args.ca_bundle,
+                )
+                cache_dir, part_size = src.cache_dir, src.part_size
+            check_cache_dir(Path(cache_dir))
+            client = make_client(url, store_args, pool_size=args.threads)
+            jobs.append((client, url.key, cache_dir, part_size))
+        for client, key, cache_dir, part_size in jobs:
+            status = _prefetch_one(
+                client, key, cache_dir, part_size, args, cache_size, cache_min_free
+            )
+            if status:
+                return status
+    finally:
+        for client, *_ in jobs:
+            client.close()
+    return 0
+
+
+def _prefetch_one(
+    client: StoreClient,
+    key: str,
+    cache_dir: str,
+    part_size: int,
+    args: argparse.Namespace,
+    cache_size: int | None,
+    cache_min_free: int | None,
+) -> int:
+    """Prefetch one object into its cache: 0, or 130 after Ctrl-C."""
+    from .prefetch import prefetch_object
     from .progress import ProgressReporter
 
-    if args.threads < 1:
-        raise UsageError(f"bad thread count {args.threads}: must be at least 1")
-    jobs = []
-    for target in args.targets:
-        if "://" in target:
-            url = parse_bucket_url(target)
-            if not args.endpoint:
-                raise UsageError(f"{target}: --endpoint is needed for a URL target")
-            part_size = check_part_size(args.part_size)
-            cache_dir = str(Path(args.cache_dir or default_cache_dir()).absolute())
-            jobs.append((url, args, url.key, cache_dir, part_size))
-        else:
-            src = MountedSource.from_path(target)
-            url = BucketUrl(src.protocol, src.bucket, src.key)
-            src_args = argparse.Namespace(
-                endpoint=src.endpoint,
-                region=src.region,
-                signature_version=src.signature_version,
-                addressing=src.addressing,
-                anonymous=src.anonymous,
+    cache = _open_cache_for_command(
+        cache_dir, repair=True, max_bytes=cache_size, min_free_bytes=cache_min_free
+    )
+    try:
+        meta = client.head(key)
+        with ProgressReporter(key, mode=args.progress) as reporter:
+            result = prefetch_object(
+                client, cache, meta, part_size, threads=args.threads, progress=reporter
             )
-            jobs.append((url, src_args, src.key, src.cache_dir, src.part_size))
-    cache_size, cache_min_free = cache_limits(args)
-    for url, store_args, key, cache_dir, part_size in jobs:
-        cache = _open_cache_for_command(
-            cache_dir, repair=True, max_bytes=cache_size, min_free_bytes=cache_min_free
+    except KeyboardInterrupt:
+        print(
+            f"ossfs-resume: interrupted; fetched parts are kept in {cache_dir}: "
+            "run the same command again to fetch the rest",
+            file=sys.stderr,
         )
-        client = make_client(url, store_args, pool_size=args.threads)
-        try:
-            meta = client.head(key)
-            with ProgressReporter(key, mode=args.progress) as reporter:
-                result = prefetch_object(
-                    client, cache, meta, part_size, threads=args.threads, progress=reporter
-                )
-        except KeyboardInterrupt:
-            print(
-                f"ossfs-resume: interrupted; fetched parts are kept in {cache_dir}: "
-                "run the same command again to fetch the rest",
-                file=sys.stderr,
-            )
-            return 130
-        finally:
-            cache.close()
-            client.close()
-        log.info(
-            "prefetched %s: %d of %d parts fetched, %d bytes",
-            client.describe(key),
-            result.parts_fetched,
-            result.parts_total,
-            result.bytes_fetched,
-        )
+        return 130
+    finally:
+        cache.close()
+    log.info(
+        "prefetched %s: %d of %d parts fetched, %d bytes",
+        client.describe(key),
+        result.parts_fetched,
+        result.parts_total,
+        result.bytes_fetched,
+    )
     return 0
 
 
@@ -385,6 +521,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             url = parse_bucket_url(target)
             if not args.endpoint:
                 raise UsageError(f"{target}: --endpoint is needed for a URL target")
+            check_endpoint(args.endpoint)
             objects.append(
                 (default_dir, store_id(url.protocol, args.endpoint), url.bucket, url.key)
             )
@@ -396,6 +533,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     for cache_dir in cache_dirs:
         if not cache_exists(cache_dir):
             raise UsageError(f"no cache at {cache_dir}")
+        # Every command here writes (verify drops bad parts, even stats opens the index
+        # for writing): a read-only cache is one clear line, not a failure halfway.
+        check_cache_dir(cache_dir)
     status = 0
     for cache_dir in sorted(cache_dirs):
         # Maintenance never moves a damaged index aside: it says so and leaves it.
@@ -464,7 +604,15 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args)
+    try:
+        _setup_logging(args)
+    except OSError as exc:
+        print(
+            f"ossfs-resume: error: cannot write the log file {args.log_file}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:

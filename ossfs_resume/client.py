@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import re
+import ssl
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -41,9 +42,17 @@ from .errors import (
     ProtocolError,
     StoreError,
     StoreUnavailableError,
+    TLSError,
     UsageError,
 )
-from .signing import Credentials, canonical_query, sign_oss_v1, sign_oss_v4, sign_s3_v4, uri_encode
+from .signing import (
+    Credentials,
+    canonical_query,
+    encode_key_path,
+    sign_oss_v1,
+    sign_oss_v4,
+    sign_s3_v4,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +101,11 @@ class StoreConfig:
     # After the store was found unreachable, fail requests at once for this long (0: never).
     down_latch: float = 2.0
 
+    # CA certificates to verify an https endpoint with (None: requests' default).
+    ca_bundle: str | None = None
+
     def __post_init__(self) -> None:
-        parts = urlsplit(self.endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"bad endpoint {self.endpoint!r}: expected http(s)://host[:port]")
+        check_endpoint(self.endpoint)
 
     @property
     def store_id(self) -> str:
@@ -119,6 +129,38 @@ class StoreConfig:
         # IPs and localhost have no per-bucket DNS names; S3 on custom endpoints
         # (SeaweedFS, MinIO) also expects path style.
         return bool(_IP_HOST.match(host)) or (self.protocol == "s3" and "amazonaws" not in host)
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Raise UsageError unless `endpoint` is http(s)://host[:port] with a valid port."""
+    expected = "expected http(s)://host[:port]"
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port  # parsed lazily: a bad port raises only here
+    except ValueError as exc:
+        raise UsageError(f"bad endpoint {endpoint!r}: {exc}; {expected}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"bad endpoint {endpoint!r}: {expected}")
+    if "@" in parts.netloc:
+        # Never echo it: user:password@ would put a secret in the message.
+        raise UsageError(f"bad endpoint: no user name or password in it; {expected}")
+    if port == 0:
+        raise UsageError(f"bad endpoint {endpoint!r}: port must be 1..65535")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise UsageError(f"bad endpoint {endpoint!r}: no path or query; {expected}")
+
+
+#: Environment variables naming a CA bundle, in the order they are honoured.
+CA_BUNDLE_ENV = ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+
+
+def ca_bundle_from_env(env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """(path, variable name) of the first CA_BUNDLE_ENV variable set, else None."""
+    env = os.environ if env is None else env
+    for name in CA_BUNDLE_ENV:
+        if env.get(name):
+            return env[name], name
+    return None
 
 
 def store_id(protocol: str, endpoint: str) -> str:
@@ -189,6 +231,7 @@ class StoreClient:
         self._down_since: float | None = None
         self._down_until = 0.0
         self._down_reason = ""
+        self._answered = False  # has the store ever answered this client?
         self._session = requests.Session()
         adapter = HTTPAdapter(
             pool_connections=2,
@@ -202,6 +245,7 @@ class StoreClient:
         self._scheme = split.scheme
         self._netloc = split.netloc
         self._host = split.hostname or ""
+        self._verify: bool | str = config.ca_bundle or True
 
     # -- public API -------------------------------------------------------
 
@@ -346,7 +390,10 @@ class StoreClient:
             self._down_until = now + self.config.down_latch
             self._down_reason = reason
         if first:
-            log.warning(
+            # An outage after the store had answered is news for the log. Never reached
+            # at all (a wrong --endpoint), the caller's error already says it, in one line.
+            log.log(
+                logging.WARNING if self._answered else logging.INFO,
                 "%s is unreachable (%s); failing requests at once for %.1f s between probes",
                 self.config.endpoint,
                 reason,
@@ -364,8 +411,11 @@ class StoreClient:
             )
 
     def _url_and_path(self, key: str) -> tuple[str, str, str]:
-        """(base URL without query, host header, encoded path) for bucket + key."""
-        encoded_key = uri_encode(key, keep_slash=True)
+        """(base URL without query, host header, encoded path) for bucket + key.
+
+        Dot segments are escaped (see encode_key_path): the path names exactly `key`.
+        """
+        encoded_key = encode_key_path(key)
         bucket = self.config.bucket
         if self.config.path_style:
             path = f"/{bucket}/{encoded_key}"
@@ -426,14 +476,23 @@ class StoreClient:
                 url = f"{url}?{qs}"
             started = time.monotonic()
             try:
-                resp = self._session.request(
-                    method,
-                    url,
-                    headers=hdrs,
-                    stream=stream,
-                    timeout=(self.config.connect_timeout, self.config.read_timeout),
-                    allow_redirects=False,
-                )
+                resp = self._send(method, url, path, qs, hdrs, stream)
+            except requests.exceptions.SSLError as exc:
+                reason, permanent = _tls_reason(exc)
+                if permanent:
+                    # Retrying cannot fix a certificate, and the store is not down.
+                    raise TLSError(
+                        f"cannot connect to {self.config.endpoint} securely: {reason}", key=key
+                    ) from None
+                # A handshake cut short is a connection failure like any other.
+                if attempt >= self.config.max_attempts or probing:
+                    self._mark_down(reason)
+                    raise StoreUnavailableError(
+                        f"cannot reach {self.config.endpoint}: {reason} (after {attempt} attempts)",
+                        key=key,
+                    ) from None
+                self._retrying(method, key, reason, attempt)
+                continue
             except (
                 requests.ConnectionError,
                 requests.Timeout,
@@ -457,6 +516,7 @@ class StoreClient:
                 resp.status_code,
                 (time.monotonic() - started) * 1000,
             )
+            self._answered = True
             if self._down_since is not None:
                 self._mark_up()  # any answer, even an error status, means it is reachable
             if resp.status_code < 300:
@@ -467,6 +527,27 @@ class StoreClient:
                 self._retrying(method, key, str(error), attempt)
                 continue
             raise error
+
+    def _send(
+        self, method: str, url: str, path: str, qs: str, headers: dict[str, str], stream: bool
+    ) -> requests.Response:
+        """One HTTP exchange, with the path and query exactly as encoded and signed."""
+        prepared = self._session.prepare_request(requests.Request(method, url, headers=headers))
+        # Preparing re-quotes the URL: it turns %2E back into "." and drops dot segments,
+        # so the request would name another key than the one signed. Keep requests'
+        # scheme and host, put back our path and query.
+        split = urlsplit(prepared.url)
+        prepared.url = f"{split.scheme}://{split.netloc}{path}" + (f"?{qs}" if qs else "")
+        # What Session.request adds: proxies and CA bundle from the environment.
+        settings = self._session.merge_environment_settings(
+            prepared.url, {}, stream, self._verify, None
+        )
+        return self._session.send(
+            prepared,
+            timeout=(self.config.connect_timeout, self.config.read_timeout),
+            allow_redirects=False,
+            **settings,
+        )
 
     def _retrying(self, method: str, key: str, reason: str, attempt: int) -> None:
         self.counters.add("retries")
@@ -654,6 +735,40 @@ def parse_iso8601(value: str | None) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The ssl module's error inside what requests and urllib3 wrapped around it."""
+    todo: list[object] = [exc]
+    seen: set[int] = set()
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLError):
+            return item
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+    return None
+
+
+def _tls_reason(exc: BaseException) -> tuple[str, bool]:
+    """(one-line reason, permanent?) for a failed TLS handshake.
+
+    Permanent: a certificate that does not verify, or a server that does not
+    speak TLS at all; retrying would fail the same way. A handshake cut short
+    (EOF, reset) is not.
+    """
+    cause = _ssl_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        detail = (cause.verify_message or cause.reason or "").rstrip(".")
+        return f"certificate verify failed: {detail}; see --ca-bundle", True
+    if isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or cause is None:
+        return f"TLS handshake cut short ({_connection_reason(exc)})", False
+    reason = cause.reason or cause.strerror or type(cause).__name__
+    if reason == "WRONG_VERSION_NUMBER":
+        return "TLS handshake failed: the server does not speak TLS (is it http://?)", True
+    return f"TLS handshake failed: {reason}", True
 
 
 def _connection_reason(exc: Exception) -> str:

@@ -66,6 +66,8 @@ log = logging.getLogger("ossfs_resume.download")  # also when run as __main__
 ProgressCallback = Callable[[int, int], None]
 
 DEFAULT_THREADS = 8
+#: The most --threads the command line accepts (the library takes any count >= 1).
+MAX_THREADS = 256
 TEMP_SUFFIX = ".tmp"
 CHECKPOINT_SUFFIX = ".dcp"
 CHECKPOINT_FORMAT = "ossfs-resume-download"
@@ -848,7 +850,10 @@ def add_download_parser(
         help="part size, e.g. 8M (100K..5G; a resumed download keeps its recorded size)",
     )
     parser.add_argument(
-        "--threads", type=int, default=DEFAULT_THREADS, help="parts fetched in parallel"
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"parts fetched in parallel (1..{MAX_THREADS}, default {DEFAULT_THREADS})",
     )
     parser.add_argument(
         "--checkpoint", metavar="FILE", help="checkpoint file (default LOCAL_FILE.dcp)"
@@ -872,6 +877,8 @@ def resume_command(args: argparse.Namespace) -> str:
         argv += ["--addressing", args.addressing]
     if getattr(args, "anonymous", False):
         argv.append("--anonymous")
+    if getattr(args, "ca_bundle", None):
+        argv += ["--ca-bundle", args.ca_bundle]
     if str(args.part_size) != str(DEFAULT_PART_SIZE):
         argv += ["--part-size", str(args.part_size)]
     if args.threads != DEFAULT_THREADS:
@@ -891,7 +898,7 @@ def resume_command(args: argparse.Namespace) -> str:
 
 def cmd_download(args: argparse.Namespace) -> int:
     """``ossfs-resume download``: 0 on success, 130 after Ctrl-C (checkpoint kept)."""
-    from .cli import make_client, parse_bucket_url
+    from .cli import check_range, make_client, parse_bucket_url
     from .progress import ProgressReporter
 
     url = parse_bucket_url(args.url)
@@ -900,7 +907,7 @@ def cmd_download(args: argparse.Namespace) -> int:
             f"{args.url} names no object: expected {url.protocol}://BUCKET/KEY for download"
         )
     part_size = check_part_size(args.part_size)
-    threads = _check_threads(args.threads)
+    threads = check_range("--threads", args.threads, 1, MAX_THREADS)
     if args.no_checkpoint and args.checkpoint:
         raise UsageError("--checkpoint and --no-checkpoint cannot be used together")
     client = make_client(url, args, pool_size=threads)

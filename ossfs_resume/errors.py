@@ -71,6 +71,10 @@ class StoreUnavailableError(StoreError):
     """Connection failures, timeouts, 429 and 5xx that outlasted the retries."""
 
 
+class TLSError(StoreError):
+    """The TLS handshake failed for a reason retrying cannot fix (e.g. an untrusted certificate)."""
+
+
 class ProtocolError(StoreError):
     """The store answered something a correct store never does (e.g. 200 to a ranged GET)."""
 

@@ -32,6 +32,7 @@ from urllib.parse import quote
 __all__ = [
     "Credentials",
     "canonical_query",
+    "encode_key_path",
     "sign_oss_v1",
     "sign_oss_v4",
     "sign_s3_v4",
@@ -165,6 +166,20 @@ def uri_encode(s: str, *, keep_slash: bool) -> str:
     return quote(s, safe="/" if keep_slash else "", encoding="utf-8", errors="strict")
 
 
+def encode_key_path(key: str) -> str:
+    """The key as a URL path: :func:`uri_encode` with '/' kept, and every '.' or '..'
+    segment sent as ``%2E`` / ``%2E%2E``.
+
+    HTTP libraries (and proxies) resolve literal dot segments, so ``a/../../x``
+    would reach the store as ``/x``: another object, or another bucket's.
+    Escaped, they reach the store as part of the key, which names exactly
+    what the user typed. Servers decode ``%2E`` to ``.``; keys with dots
+    elsewhere (``a.b``, ``...``) are not dot segments and stay as they are.
+    """
+    segments = uri_encode(key, keep_slash=True).split("/")
+    return "/".join("%2E" * len(s) if s in (".", "..") else s for s in segments)
+
+
 def _encoded_pairs(query: Mapping[str, str | None]) -> list[tuple[str, str | None]]:
     """URI-encoded (key, value) pairs sorted by encoded key, as every signer needs."""
     pairs = [
@@ -260,6 +275,8 @@ def sign_oss_v4(
 
     The canonical URI is ``/bucket/key`` (``/bucket/`` when ``key == ""``)
     whatever the addressing style: OSS V4 always signs the bucket in the path.
+    It is built from the key itself, as the server rebuilds it from the key it
+    decoded, so a dot segment sent as ``%2E`` is signed as ``.``.
     Signed headers are the V4 defaults: every ``x-oss-*`` plus
     ``content-type`` and ``content-md5``; no AdditionalHeaders, so headers
     like ``Range`` or ``Accept-Encoding`` may be rewritten by the HTTP layer
@@ -329,7 +346,7 @@ def sign_oss_v1(
     ``x-oss-security-token`` (when there is a token) and ``Authorization``.
     The string to sign uses an ``x-oss-date`` header instead of ``Date`` when
     the caller supplied one, as the server does. The resource is
-    ``/bucket/key`` with the raw (unencoded) key, plus the whitelisted
+    ``/bucket/key`` with the raw (unencoded) key, dot segments included, plus the whitelisted
     sub-resources from ``query``, raw as well.
     """
     _set_header(headers, "Date", format_datetime(_utc(now), usegmt=True))
@@ -382,7 +399,8 @@ def sign_s3_v4(
     Adds ``Host``, ``x-amz-date``, ``x-amz-content-sha256: UNSIGNED-PAYLOAD``,
     ``x-amz-security-token`` (when there is a token) and ``Authorization``.
     ``path`` is the request path exactly as sent, already URI-encoded
-    (``/bucket/a%20b``); S3 does not normalise or double-encode it. ``host``
+    (``/bucket/a%20b``, dot segments as ``%2E``: see :func:`encode_key_path`);
+    S3 does not normalise or double-encode it. ``host``
     is the Host header value, without a default port.
 
     Signed headers: host, every x-amz-*, and range / if-match / content-type /

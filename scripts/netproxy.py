@@ -6,6 +6,9 @@ It sits between a client and a local S3/OSS-compatible server (both on 127.0.0.1
 * count the HTTP requests a client makes (method, target and Range header, in order);
 * inject faults: answer every Nth request with a well-formed S3 ``503 SlowDown`` itself, or
   forward every Nth request, relay part of its response and then reset the client connection;
+* speak TLS to its clients (``tls=(cert, key)``), e.g. with a self-signed certificate, while
+  relaying plain HTTP to the store; connections are counted before the handshake, so a
+  client that retries a refused handshake shows up in :meth:`NetProxy.connections`;
 * emulate a remote store: delay data by half the configured round-trip latency in each
   direction and cap each connection's bandwidth (token bucket, each direction separately),
   since there is no netem here.
@@ -39,6 +42,7 @@ import contextlib
 import ipaddress
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -67,6 +71,7 @@ class ProxyConfig:
     fail_503_every: int = 0  # every Nth request is answered by the proxy with an S3 503
     reset_every: int = 0  # every Nth request's response is cut short by a TCP reset
     max_buffer: int = 2 << 20  # bytes held per direction per connection, at most (about)
+    tls: tuple[str, str] | None = None  # (certificate, key) PEM files: clients speak TLS
 
     def __post_init__(self) -> None:
         if not _is_loopback(self.upstream_host):
@@ -429,6 +434,10 @@ class NetProxy:
         # What the delay/rate queue may hold: the rest of max_buffer is left to the stream
         # reader's buffer (paused above 2 * CHUNK), _Reader.buf and the transport's write buffer.
         self._pipe_capacity = config.max_buffer - 4 * CHUNK
+        self._ssl: ssl.SSLContext | None = None
+        if config.tls is not None:
+            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._ssl.load_cert_chain(*config.tls)
 
     # ---- public API (any thread)
 
@@ -473,7 +482,7 @@ class NetProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{LISTEN_HOST}:{self.port}"
+        return f"{'https' if self._ssl else 'http'}://{LISTEN_HOST}:{self.port}"
 
     def counts(self) -> dict[str, int]:
         """Requests seen, by method. A Counter: a method never seen counts 0."""
@@ -565,6 +574,13 @@ class NetProxy:
             self._connections += 1
         # Cancelled at stop(): end quietly (asyncio logs a cancelled client_connected_cb).
         with contextlib.suppress(asyncio.CancelledError):
+            if self._ssl is not None:
+                try:
+                    # After counting: a refused handshake is a connection the client made.
+                    await cwriter.start_tls(self._ssl, ssl_handshake_timeout=10)
+                except (OSError, asyncio.TimeoutError):  # ssl.SSLError is an OSError
+                    cwriter.transport.abort()
+                    return
             await self._handle(creader, cwriter)
 
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
@@ -784,7 +800,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-503-every", type=int, default=0, metavar="N")
     parser.add_argument("--reset-every", type=int, default=0, metavar="N")
     parser.add_argument("--max-buffer", type=int, default=2 << 20, metavar="BYTES")
+    parser.add_argument("--tls-cert", metavar="PEM", help="speak TLS to clients with this cert")
+    parser.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
 
     host, sep, port = args.upstream.rpartition(":")
     if not sep or not port.isdigit():
@@ -799,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
             fail_503_every=args.fail_503_every,
             reset_every=args.reset_every,
             max_buffer=args.max_buffer,
+            tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
         )
     except ValueError as exc:
         parser.error(str(exc))

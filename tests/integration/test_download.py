@@ -482,11 +482,19 @@ def _not_writable_dir(tmp_path: Path) -> Path:
     [
         (["--part-size", "99K"], ["bad part size", "100K"]),
         (["--part-size", "6G"], ["bad part size", "5G"]),
-        (["--threads", "0"], ["bad thread count"]),
+        (["--threads", "0"], ["bad --threads 0", "1..256"]),
+        (["--threads", "20000000"], ["bad --threads 20000000", "1..256"]),
         (["--checkpoint", "{tmp}/nodir/x.dcp"], ["checkpoint", "does not exist"]),
         (["--checkpoint", "{ro}/x.dcp"], ["checkpoint", "not writable"]),
     ],
-    ids=["part-too-small", "part-too-big", "threads-0", "checkpoint-nodir", "checkpoint-ro"],
+    ids=[
+        "part-too-small",
+        "part-too-big",
+        "threads-0",
+        "threads-huge",
+        "checkpoint-nodir",
+        "checkpoint-ro",
+    ],
 )
 def test_bad_input_is_one_line_before_any_request(
     store, proxy, mid_object, tmp_path, extra, needles

@@ -12,12 +12,14 @@ from __future__ import annotations
 import email.utils
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
 from xml.sax.saxutils import escape
@@ -27,9 +29,12 @@ import requests
 
 from ossfs_resume.checksum import crc64
 from ossfs_resume.client import (
+    CA_BUNDLE_ENV,
     ObjectMeta,
     StoreClient,
     StoreConfig,
+    ca_bundle_from_env,
+    check_endpoint,
     credentials_from_env,
     parse_iso8601,
 )
@@ -42,6 +47,7 @@ from ossfs_resume.errors import (
     ProtocolError,
     StoreError,
     StoreUnavailableError,
+    TLSError,
     UsageError,
 )
 from ossfs_resume.signing import Credentials
@@ -68,6 +74,7 @@ class Seen:
     key: str
     query: dict[str, str]
     headers: dict[str, str]  # lower-cased names
+    target: str = ""  # the request target exactly as received: encoded path and query
 
 
 @dataclass
@@ -146,7 +153,7 @@ class FakeStoreHandler(BaseHTTPRequestHandler):
         bucket, _, key = path.lstrip("/").partition("/")
         query = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         headers = {k.lower(): v for k, v in self.headers.items()}
-        store.record(Seen(method, bucket, key, query, headers))
+        store.record(Seen(method, bucket, key, query, headers, self.path))
         fault = store.next_fault()
 
         if fault in ("500", "503"):
@@ -512,11 +519,11 @@ class _Outage:
     network, and while `down` fails each as a refused connection."""
 
     def __init__(self, client: StoreClient) -> None:
-        self.real = client._session.request
+        self.real = client._session.send
         self.down = False
         self.sent = 0
         self.while_sending: Callable[[], None] | None = None  # runs inside the next request
-        client._session.request = self  # type: ignore[method-assign]
+        client._session.send = self  # type: ignore[method-assign]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.sent += 1
@@ -579,15 +586,18 @@ def test_unreachable_store_latches_then_probes_once_then_recovers(
     assert client.head("small.txt").size == 11
     assert bytes(client.get_range("small.txt", 0, 4)) == b"hello"
     assert outage.sent == 6
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "unreachable" in warnings[0]
+    down = [r for r in caplog.records if "is unreachable" in r.getMessage()]
+    # Never answered before: the caller's error says it all, so the log line is only INFO
+    # (a command's stderr shows one line, not a warning and then the same error).
+    assert len(down) == 1 and down[0].levelno == logging.INFO
     assert any("answers again" in r.getMessage() for r in caplog.records)
 
 
 def test_after_recovery_a_new_outage_gets_full_retries(
-    latched: tuple[StoreClient, _Outage, _Clock],
+    latched: tuple[StoreClient, _Outage, _Clock], caplog: pytest.LogCaptureFixture
 ) -> None:
     client, outage, clock = latched
+    caplog.set_level(logging.INFO, logger="ossfs_resume.client")
     outage.down = True
     with pytest.raises(StoreUnavailableError):
         client.head("small.txt")
@@ -599,6 +609,9 @@ def test_after_recovery_a_new_outage_gets_full_retries(
     with pytest.raises(StoreUnavailableError):
         client.head("small.txt")
     assert outage.sent - sent == 3  # not a single-attempt probe: the store was up
+    # An outage of a store that had answered is news: a warning in the mount's log.
+    down = [r.levelno for r in caplog.records if "is unreachable" in r.getMessage()]
+    assert down == [logging.INFO, logging.WARNING]
 
 
 def test_one_probe_at_a_time(latched: tuple[StoreClient, _Outage, _Clock]) -> None:
@@ -818,6 +831,112 @@ def test_head_key_with_odd_characters(client: StoreClient, store: FakeStore) -> 
     assert store.requests("HEAD")[0].key == key  # the path was encoded, not mangled
 
 
+# -- keys with dot segments --------------------------------------------------
+
+# key -> the path the store must receive after /bucket/: dot segments escaped, so
+# no HTTP layer resolves them and the request names exactly the key given.
+DOT_KEYS = {
+    "a/../../x": "a/%2E%2E/%2E%2E/x",
+    "./k": "%2E/k",
+    "a/./b": "a/%2E/b",
+    "..": "%2E%2E",
+    "a/.../b.c": "a/.../b.c",  # not dot segments: sent as they are
+}
+DIALECTS = {
+    "s3": {"protocol": "s3"},
+    "oss-v4": {"protocol": "oss", "signature_version": "v4"},
+    "oss-v1": {"protocol": "oss", "signature_version": "v1"},
+}
+
+
+def _sdk_authorization(seen: Seen, dialect: str, endpoint: str) -> str:
+    """The Authorization header an official SDK computes for `seen` as the store received it."""
+    creds = ("AKIDEXAMPLE", SECRET)
+    if dialect == "s3":
+        botocore_auth = pytest.importorskip("botocore.auth")
+        awsrequest = pytest.importorskip("botocore.awsrequest")
+        boto_creds = pytest.importorskip("botocore.credentials")
+        boto_config = pytest.importorskip("botocore.config")
+        when = datetime.strptime(seen.headers["x-amz-date"], "%Y%m%dT%H%M%SZ")
+        signed = {k: v for k, v in seen.headers.items() if k in ("range", "if-match")}
+        # botocore signs the path of the URL it is given as is (S3 does not normalise).
+        req = awsrequest.AWSRequest(method=seen.method, url=endpoint + seen.target, headers=signed)
+        req.context["client_config"] = boto_config.Config(s3={"payload_signing_enabled": False})
+        auth = botocore_auth.S3SigV4Auth(boto_creds.Credentials(*creds), "s3", "us-east-1")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(botocore_auth, "get_current_datetime", lambda *a, **k: when)
+            auth.add_auth(req)
+        return req.headers["Authorization"]
+    signer_mod = pytest.importorskip("alibabacloud_oss_v2.signer")
+    types = pytest.importorskip("alibabacloud_oss_v2.types")
+    if dialect == "oss-v4":
+        when = datetime.strptime(seen.headers["x-oss-date"], "%Y%m%dT%H%M%SZ")
+    else:
+        when = email.utils.parsedate_to_datetime(seen.headers["date"])
+    request = types.HttpRequest(seen.method, endpoint + seen.target)
+    request.headers.update({k: v for k, v in seen.headers.items() if k.startswith("x-oss-")})
+    for name in ("x-oss-date", "date", "authorization", "x-oss-content-sha256"):
+        request.headers.pop(name, None)
+    ctx = types.SigningContext(
+        product="oss",
+        region="cn-hangzhou",
+        bucket=seen.bucket,
+        key=seen.key,  # the key the store decoded from the path it received
+        request=request,
+        credentials=types.Credentials(*creds),
+        signing_time=when.replace(tzinfo=timezone.utc),
+    )
+    (signer_mod.SignerV4 if dialect == "oss-v4" else signer_mod.SignerV1)().sign(ctx)
+    return {k.lower(): v for k, v in request.headers.items()}["authorization"]
+
+
+@pytest.mark.parametrize("dialect", list(DIALECTS))
+@pytest.mark.parametrize(("key", "path"), list(DOT_KEYS.items()))
+def test_dot_segments_name_exactly_the_key(
+    make_client: Any,
+    server: FakeStoreServer,
+    store: FakeStore,
+    key: str,
+    path: str,
+    dialect: str,
+) -> None:
+    store.put(key, b"the object named by the key as typed")
+    store.put("x", b"another object")  # what a normalised a/../../x would name
+    client = make_client(credentials=Credentials("AKIDEXAMPLE", SECRET), **DIALECTS[dialect])
+    assert client.head(key).size == 36
+    assert bytes(client.get_range(key, 4, 9)) == b"object"
+    seen = store.requests()
+    assert [(s.method, s.target) for s in seen] == [
+        ("HEAD", f"/{BUCKET}/{path}"),
+        ("GET", f"/{BUCKET}/{path}"),
+    ]
+    for s in seen:
+        assert (s.bucket, s.key) == (BUCKET, key)
+        # Signed over the path as sent: the SDK, given the request as received, agrees.
+        assert s.headers["authorization"] == _sdk_authorization(s, dialect, server.endpoint)
+
+
+def test_dot_segment_key_missing_is_not_found_for_that_key(
+    client: StoreClient, store: FakeStore
+) -> None:
+    store.put("x", b"another object")
+    with pytest.raises(NotFoundError, match=r"s3://bkt/a/\.\./\.\./x: no such object"):
+        client.head("a/../../x")
+    assert [s.target for s in store.requests()] == [f"/{BUCKET}/a/%2E%2E/%2E%2E/x"]
+
+
+@pytest.mark.parametrize("addressing", ["path", "virtual"])
+def test_query_is_sent_as_signed(make_client: Any, store: FakeStore, addressing: str) -> None:
+    # The URL is no longer re-quoted by requests: the query must still arrive intact.
+    client = make_client(credentials=Credentials("AKIDEXAMPLE", SECRET))
+    store.put("d/./e ~f", b"z")
+    pages = list(client.list("d/./e ~"))
+    assert [o.key for p in pages for o in p.objects] == ["d/./e ~f"]
+    assert store.requests()[0].target == (
+        f"/{BUCKET}/?delimiter=%2F&encoding-type=url&list-type=2&max-keys=1000&prefix=d%2F.%2Fe%20~"
+    )
+
+
 # -- dialects and signing ------------------------------------------------------
 
 
@@ -876,9 +995,116 @@ def test_s3_session_token_is_sent(make_client: Any, store: FakeStore) -> None:
     assert store.requests()[0].headers["x-amz-security-token"] == "tok-123"
 
 
-def test_store_config_rejects_bad_endpoint() -> None:
-    with pytest.raises(UsageError, match="bad endpoint"):
-        StoreConfig(protocol="s3", endpoint="127.0.0.1:9000", bucket=BUCKET)
+@pytest.mark.parametrize(
+    ("endpoint", "needle"),
+    [
+        ("127.0.0.1:9000", "expected http(s)://host[:port]"),
+        ("http://127.0.0.1:99999", "Port out of range"),
+        ("http://127.0.0.1:0", "port must be 1..65535"),
+        ("http://127.0.0.1:x", "Port could not be cast"),
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("ftp://host", "expected http(s)"),
+        ("http://host/some/path", "no path or query"),
+        ("http://host?x=1", "no path or query"),
+    ],
+)
+def test_store_config_rejects_bad_endpoint(endpoint: str, needle: str) -> None:
+    with pytest.raises(UsageError, match="bad endpoint") as info:
+        StoreConfig(protocol="s3", endpoint=endpoint, bucket=BUCKET)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_endpoint_with_a_password_is_refused_without_echoing_it() -> None:
+    with pytest.raises(UsageError) as info:
+        check_endpoint("http://user:hunter2@127.0.0.1:9000")
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["http://h", "https://h:443", "http://[::1]:9000", "http://h/"]
+)
+def test_good_endpoints(endpoint: str) -> None:
+    check_endpoint(endpoint)
+
+
+def test_ca_bundle_from_env_order() -> None:
+    assert CA_BUNDLE_ENV == ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+    env = {"SSL_CERT_FILE": "/s", "REQUESTS_CA_BUNDLE": "/r", "AWS_CA_BUNDLE": "/a"}
+    assert ca_bundle_from_env(env) == ("/a", "AWS_CA_BUNDLE")
+    del env["AWS_CA_BUNDLE"]
+    assert ca_bundle_from_env(env) == ("/r", "REQUESTS_CA_BUNDLE")
+    env["REQUESTS_CA_BUNDLE"] = ""  # set but empty: as if unset
+    assert ca_bundle_from_env(env) == ("/s", "SSL_CERT_FILE")
+    assert ca_bundle_from_env({}) is None
+
+
+# -- TLS ---------------------------------------------------------------------------
+
+
+class TLSFakeStoreServer(FakeStoreServer):
+    """The fake store over TLS; counts connections, handshakes that fail included."""
+
+    def __init__(self, store: FakeStore, cert: Path, key: Path) -> None:
+        super().__init__(store)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        self.connections = 0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        self.connections += 1
+        sock.settimeout(5)
+        # The handshake happens here; a client refusing the certificate makes it raise,
+        # and the server drops that connection.
+        return self.context.wrap_socket(sock, server_side=True), addr
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def tls_server(store: FakeStore, tls_cert: tuple[Path, Path]) -> Iterator[TLSFakeStoreServer]:
+    with serving(TLSFakeStoreServer(store, *tls_cert)) as srv:
+        yield srv
+
+
+def test_untrusted_certificate_fails_at_once_saying_why(tls_server: TLSFakeStoreServer) -> None:
+    client = StoreClient(_config(tls_server.endpoint, down_latch=0))
+    try:
+        with pytest.raises(TLSError) as info:
+            client.head("small.txt")
+        message = str(info.value)
+        assert message.startswith(f"cannot connect to {tls_server.endpoint} securely: ")
+        assert "certificate verify failed: self" in message  # self-signed / self signed
+        assert message.endswith("; see --ca-bundle")
+        assert tls_server.connections == 1  # not retried: retrying cannot fix a certificate
+        assert client.counters.retries == 0
+    finally:
+        client.close()
+
+
+def test_ca_bundle_trusts_the_certificate(
+    tls_server: TLSFakeStoreServer, tls_cert: tuple[Path, Path]
+) -> None:
+    client = StoreClient(_config(tls_server.endpoint, ca_bundle=str(tls_cert[0])))
+    try:
+        assert client.head("small.txt").size == 11
+        assert bytes(client.get_range("small.txt", 0, 4)) == b"hello"
+    finally:
+        client.close()
+
+
+def test_https_to_a_plain_http_server_says_so(server: FakeStoreServer) -> None:
+    endpoint = server.endpoint.replace("http://", "https://")
+    client = StoreClient(_config(endpoint))
+    try:
+        with pytest.raises(TLSError, match="does not speak TLS"):
+            client.head("small.txt")
+        assert client.counters.retries == 0
+    finally:
+        client.close()
 
 
 # -- credentials_from_env ------------------------------------------------------

@@ -620,7 +620,8 @@ def test_cmd_download_ctrl_c_prints_one_line_and_returns_130(target: Path, monke
     ("extra", "needle"),
     [
         (["--part-size", "99K"], "bad part size"),
-        (["--threads", "0"], "bad thread count"),
+        (["--threads", "0"], r"bad --threads 0: must be 1\.\.256"),
+        (["--threads", "257"], r"bad --threads 257: must be 1\.\.256"),
         (["--checkpoint", "c", "--no-checkpoint"], "cannot be used together"),
     ],
 )

@@ -26,6 +26,7 @@ import pytest
 from ossfs_resume.signing import (
     Credentials,
     canonical_query,
+    encode_key_path,
     sign_oss_v1,
     sign_oss_v4,
     sign_s3_v4,
@@ -96,6 +97,11 @@ CASES = {
         },
         {"Range": "bytes=10-19", "x-oss-range-behavior": "standard"},
     ),
+    # Dot segments: the key is signed as typed, never resolved (see encode_key_path).
+    "dot-dot-escapes-bucket": Case("HEAD", "a/../../x", {}, {"Accept-Encoding": "identity"}),
+    "dot-first": Case("GET", "./k", {}, OBJECT_HEADERS),
+    "dot-middle": Case("GET", "a/./b", {}, OBJECT_HEADERS),
+    "dot-dot-alone": Case("HEAD", "..", {}, {}),
 }
 
 
@@ -413,7 +419,7 @@ def test_s3_v4_matches_botocore(
     )
 
     scheme, host, prefix = endpoint
-    path = quote(f"{prefix}/{case.key}", safe="/")
+    path = f"{prefix}/{encode_key_path(case.key)}"  # the path the client sends
     ours = dict(case.headers)
     sign_s3_v4(case.method, host, path, case.query, ours, creds, "us-east-1", NOW)
 
@@ -485,6 +491,27 @@ def test_uri_encode_matches_botocore(text: str, keep_slash: bool) -> None:
     safe = "-_.~/" if keep_slash else "-_.~"
     assert uri_encode(text, keep_slash=keep_slash) == botocore_utils.percent_encode(text, safe)
     assert unquote(uri_encode(text, keep_slash=keep_slash)) == text
+
+
+@pytest.mark.parametrize(
+    ("key", "path"),
+    [
+        ("a/../../x", "a/%2E%2E/%2E%2E/x"),
+        ("./k", "%2E/k"),
+        ("a/./b", "a/%2E/b"),
+        ("..", "%2E%2E"),
+        (".", "%2E"),
+        ("a/b/..", "a/b/%2E%2E"),
+        ("a//./b", "a//%2E/b"),
+        ("...", "..."),
+        (".a/b./..c", ".a/b./..c"),
+        ("dir one/ü.txt", "dir%20one/%C3%BC.txt"),
+        ("", ""),
+    ],
+)
+def test_encode_key_path_escapes_only_dot_segments(key: str, path: str) -> None:
+    assert encode_key_path(key) == path
+    assert unquote(path) == key  # the store decodes it back to the key as typed
 
 
 def test_uri_encode_examples() -> None:
