@@ -6,6 +6,7 @@ combine into the whole-object CRC that OSS reports, without re-reading data.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import anycrc
@@ -33,3 +34,17 @@ def crc64_of_parts(parts: Iterable[tuple[int, int]]) -> int:
     for crc, length in parts:
         total = crc64_combine(total, crc, length)
     return total
+
+
+def crc64_file_range(fd: int, start: int, length: int, buf: memoryview) -> int | None:
+    """CRC-64/XZ of `length` bytes of file `fd` from `start`, read into `buf` a slice at a
+    time (bounded memory, no allocation per slice); None if the file ends before that."""
+    crc = done = 0
+    while done < length:
+        view = buf[: min(len(buf), length - done)]
+        got = os.preadv(fd, [view], start + done)
+        if not got:
+            return None
+        crc = crc64(view[:got], crc)
+        done += got
+    return crc

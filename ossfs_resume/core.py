@@ -28,11 +28,12 @@ import cachetools
 
 from .cache import PartStore, UncachedParts, object_id
 from .client import ObjectMeta, StoreClient
+from .engine import ObjectRef, PartFetcher
 from .errors import OssfsError, PreconditionFailedError
 from .namespace import Entry, Namespace
 from .parts import DEFAULT_PART_SIZE
 from .prefetch import SOURCE_XATTR, MountedSource
-from .reader import ObjectReader, ObjectRef, PartFetcher
+from .reader import ObjectReader
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ resumable download of the same object version all name the same parts.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from .errors import UsageError
 
@@ -32,6 +33,24 @@ def parse_size(text: str | int) -> int:
     if not match:
         raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+class PartRecord(NamedTuple):
+    """A finished part, wherever it landed (the part cache, a download's checkpoint)."""
+
+    length: int
+    crc: int  # CRC-64/XZ of its bytes
+    atime: float = 0.0  # the cache's last access, as of its last flush
+    hits: int = 0  # the cache's count of access windows in which it was read
+
+
+def check_threads(threads: object, maximum: int | None = None) -> int:
+    """A thread (parallel part) count: an int from 1 (to `maximum`); the error quotes it."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"bad thread count {threads!r}: must be at least 1")
+    if maximum is not None and threads > maximum:
+        raise UsageError(f"bad thread count {threads}: must be at most {maximum}")
+    return threads
 
 
 def check_part_size(part_size: int | str) -> int:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from .cache import PartStore
 from .client import ObjectMeta, StoreClient
+from .engine import ObjectRef, PartFetcher
 from .errors import CacheWriteError, UsageError
 from .parts import part_bounds
-from .reader import ObjectRef, PartFetcher
 
 log = logging.getLogger(__name__)
 

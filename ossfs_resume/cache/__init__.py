@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Protocol
 
 from ..checksum import Buffer
-from .index import PartId, PartRecord, Totals
+from ..parts import PartRecord
+from .index import PartId, Totals
 from .partcache import INDEX_NAME, PartCache, default_cache_limit, name_id, object_id
 from .partfiles import CHECK_CHUNK, VerifiedPart
 from .uncached import UncachedParts

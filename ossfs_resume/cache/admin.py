@@ -17,8 +17,9 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from ..parts import PartRecord
 from .eviction import Limits
-from .index import ObjectRow, PartId, PartIndex, PartRecord
+from .index import ObjectRow, PartId, PartIndex
 from .partfiles import PartFiles
 from .writers import writer_alive
 

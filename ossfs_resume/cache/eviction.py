@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .index import PartId, PartIndex, PartRecord
+from ..parts import PartRecord
+from .index import PartId, PartIndex
 from .partfiles import PartFiles
 from .writers import writer_alive
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from ..parts import PartRecord
+
 #: Bump when the schema changes incompatibly.
 SCHEMA_VERSION = 1
 #: SQLite primary result codes that mean the file itself is damaged.
@@ -92,13 +94,6 @@ class PartId:
     object_id: str
     part_size: int
     number: int
-
-
-class PartRecord(NamedTuple):
-    length: int
-    crc: int
-    atime: float = 0.0  # last access, as of the last flush
-    hits: int = 0  # flush windows in which this part was read
 
 
 class ObjectRow(NamedTuple):

@@ -47,6 +47,7 @@ from typing import TypeVar
 import cachetools
 
 from ..checksum import Buffer, crc64
+from ..parts import PartRecord
 from .admin import (
     cache_stats,
     clear_all,
@@ -56,7 +57,7 @@ from .admin import (
     verify_parts,
 )
 from .eviction import CacheFullError, Evictor, Limits
-from .index import ObjectRow, PartId, PartIndex, PartRecord, Totals, is_corrupt
+from .index import ObjectRow, PartId, PartIndex, Totals, is_corrupt
 from .partfiles import PartFiles, VerifiedPart
 from .writers import writer_token
 

@@ -18,9 +18,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..checksum import Buffer, crc64
+from ..checksum import Buffer, crc64_file_range
 from ..durable import fsync_dir, write_all
-from .index import PartId, PartRecord
+from ..parts import PartRecord
+from .index import PartId
 
 log = logging.getLogger("ossfs_resume.cache")
 
@@ -113,29 +114,25 @@ class PartFiles:
 
     def check(self, handle: VerifiedPart, rec: PartRecord) -> bool:
         """Read the whole part and compare length and CRC-64 with its record."""
-        try:
-            buf = self._buffers.get_nowait()
-        except queue.Empty:
-            buf = memoryview(bytearray(CHECK_CHUNK))
-        try:
-            crc = n = 0
-            while True:
-                got = handle.preadinto(n, buf)
-                if not got:
-                    break
-                crc = crc64(buf[:got], crc)
-                n += got
-                if n > rec.length:
-                    break
-        finally:
-            self._buffers.put(buf)
-        if n == rec.length and crc == rec.crc:
+        fd = handle.file.fileno()
+        size = os.fstat(fd).st_size
+        crc = None
+        if size == rec.length:
+            try:
+                buf = self._buffers.get_nowait()
+            except queue.Empty:
+                buf = memoryview(bytearray(CHECK_CHUNK))
+            try:
+                crc = crc64_file_range(fd, 0, rec.length, buf)
+            finally:
+                self._buffers.put(buf)
+        if crc == rec.crc:
             return True
         log.warning(
             "cached part %s failed its checksum (%d bytes, expected %d); "
             "dropping it and fetching it again",
             handle.file.name,
-            n,
+            size,
             rec.length,
         )
         return False

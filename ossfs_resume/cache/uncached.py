@@ -9,7 +9,8 @@ import logging
 from pathlib import Path
 
 from ..checksum import Buffer
-from .index import PartId, PartRecord, Totals
+from ..parts import PartRecord
+from .index import PartId, Totals
 from .partcache import object_id
 from .partfiles import VerifiedPart
 

@@ -17,6 +17,7 @@ import pytest
 
 from ossfs_resume.cache import PartCache, PartId, object_id
 from ossfs_resume.client import ObjectMeta
+from ossfs_resume.engine import ObjectRef, PartFetcher
 from ossfs_resume.errors import (
     CacheWriteError,
     ChecksumError,
@@ -24,7 +25,7 @@ from ossfs_resume.errors import (
     StoreUnavailableError,
 )
 from ossfs_resume.prefetch import prefetch_object
-from ossfs_resume.reader import ObjectReader, ObjectRef, PartFetcher
+from ossfs_resume.reader import ObjectReader
 
 PART = 1000
 ETAG = "etag-v1"
