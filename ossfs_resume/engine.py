@@ -25,9 +25,10 @@ import logging
 import mmap
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Protocol
 
 import cachetools
 
@@ -59,13 +60,40 @@ class ObjectRef:
 class _Inflight:
     """A part being fetched: its bytes (for readers), then its arrival in the cache."""
 
-    __slots__ = ("data", "last_read", "length", "settled")
+    __slots__ = ("data", "inline", "last_read", "length", "settled", "store")
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, *, store: bool = True, inline: bool = False) -> None:
         self.data: Future[memoryview] = Future()
         self.length = length
         self.settled = threading.Event()  # stored in the cache, or given up on
         self.last_read = 0  # when it was last served to a reader (a tick), 0: never
+        self.store = store  # write it to the part cache once fetched
+        self.inline = inline  # ... in the fetching thread, not behind it
+
+
+class PartSink(Protocol):
+    """Where a transfer puts parts; its ledger records which are done.
+
+    ``accept`` and ``commit`` are called from the thread that runs the
+    transfer only, so a ledger needs no locking.
+    """
+
+    #: True when the part cache itself is the sink: the engine stores each part there
+    #: (its index is the ledger) and the transfer waits until it is durable.
+    into_cache: bool
+
+    def accept(self, number: int, data: memoryview) -> None:
+        """Take part `number`'s bytes (write them; the ledger records them at commit)."""
+
+    def commit(self) -> None:
+        """Make the parts accepted so far durable and record them in the ledger."""
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    parts: int  # parts moved into the sink
+    bytes: int
+    from_cache: int  # of those, parts copied from the part cache instead of fetched
 
 
 class PartFetcher:
@@ -112,6 +140,7 @@ class PartFetcher:
         self._ticks = itertools.count(1)  # orders reads, for evicting recent parts
         self.max_recent_bytes = max_inflight_bytes if max_recent_bytes is None else max_recent_bytes
         self._verifying: set[PartId] = set()
+        self.copied_from_cache = 0  # parts a fetch found in the part cache after all
         # Random reads per part not yet cached: a part touched twice is fetched whole.
         self._random_touches: cachetools.LRUCache[PartId, int] = cachetools.LRUCache(4096)
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="fetch")
@@ -271,7 +300,9 @@ class PartFetcher:
             with self._lock:
                 self._verifying.discard(pid)
 
-    def _claim(self, ref: ObjectRef, number: int) -> tuple[_Inflight, bool]:
+    def _claim(
+        self, ref: ObjectRef, number: int, *, store: bool = True, inline: bool = False
+    ) -> tuple[_Inflight, bool]:
         pid = ref.part_id(number)
         length = part_bounds(ref.meta.size, ref.part_size, number)[1]
         with self._lock:
@@ -279,9 +310,87 @@ class PartFetcher:
             if entry is not None:
                 return entry, False
             self._make_room(length)  # a reader's own fetch goes ahead regardless
-            entry = self._inflight[pid] = _Inflight(length)
+            entry = self._inflight[pid] = _Inflight(length, store=store, inline=inline)
             self._inflight_bytes += length
             return entry, True
+
+    # -- transfers: prefetch and download ---------------------------------------
+
+    def transfer(
+        self,
+        ref: ObjectRef,
+        numbers: Iterable[int],
+        sink: PartSink,
+        *,
+        threads: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> TransferResult:
+        """Move parts `numbers` of `ref` into `sink`, `threads` at a time.
+
+        Parts already in the part cache are copied from it, not fetched. After
+        each batch of finished parts the sink commits (its ledger records them)
+        and `progress` gets the bytes that batch added: progress never runs
+        ahead of what a crash would keep. At most 2 x threads parts are in
+        flight, so memory stays bounded and stopping (an error, Ctrl-C)
+        cancels little: parts already being fetched are kept if they finish.
+        """
+        pending = iter(numbers)
+        running: dict[Future[memoryview], tuple[int, _Inflight]] = {}
+        moved = nbytes = 0
+        copied_before = self.copied_from_cache
+
+        def start(count: int) -> None:
+            for number in itertools.islice(pending, count):
+                entry, owner = self._claim(
+                    ref, number, store=sink.into_cache, inline=sink.into_cache
+                )
+                if owner:
+                    self._pool.submit(self._run, ref, number, entry)
+                running[entry.data] = (number, entry)
+
+        def absorb(finished: Iterable[Future[memoryview]]) -> BaseException | None:
+            nonlocal moved, nbytes
+            error: BaseException | None = None
+            added = 0
+            for fut in finished:
+                number, entry = running.pop(fut)
+                if fut.cancelled():
+                    continue
+                exc = fut.exception()
+                if exc is not None:
+                    error = error or exc
+                    continue
+                if sink.into_cache:
+                    entry.settled.wait()
+                sink.accept(number, fut.result())
+                moved += 1
+                added += entry.length
+            if added:
+                sink.commit()
+                nbytes += added
+                if progress is not None:
+                    progress(added)
+            return error
+
+        start(2 * threads)
+        try:
+            while running:
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                error = absorb(finished)
+                if error is not None:
+                    raise error
+                start(len(finished))
+        except BaseException:
+            for fut in list(running):
+                fut.cancel()
+            # Keep what finishes: the ledger only ever lists parts that are in the sink.
+            done, _ = wait(list(running))
+            try:
+                absorb(done)
+            except Exception as late:
+                log.warning("while stopping a transfer of %s: %s", ref.meta.key, late)
+            raise
+        return TransferResult(moved, nbytes, self.copied_from_cache - copied_before)
 
     def _evict_recent(self) -> None:
         """Drop one recent part: the least recently read, else the oldest never read (a
@@ -312,13 +421,15 @@ class PartFetcher:
             handle = self.cache.open_verified(pid)
             if handle is not None:
                 future.set_result(memoryview(handle.pread(0, length)))
+                with self._lock:
+                    self.copied_from_cache += 1
                 return
             buf = aligned_buffer(length)  # O_DIRECT-ready: see the class docstring
             self.client.get_range(
                 ref.meta.key, start, start + length - 1, if_match=ref.meta.etag, into=buf
             )
             self.cache.note_fetched(length)
-            to_store = buf
+            to_store = buf if entry.store else None
             future.set_result(memoryview(buf))
         except PreconditionFailedError as exc:
             log.warning("%s changed while being read (pinned ETag %s)", ref.meta.key, ref.meta.etag)
@@ -329,6 +440,11 @@ class PartFetcher:
             if to_store is None:
                 self._settle(pid, entry, keep=False)
         if to_store is not None:
+            if entry.inline:
+                # A transfer into the cache: this worker takes its next part only once
+                # this one is recorded, so a crash loses at most one part per worker.
+                self._store(pid, entry, to_store)
+                return
             try:
                 self._writer.submit(self._store, pid, entry, to_store)
             except RuntimeError:  # shutting down: the part is simply not cached

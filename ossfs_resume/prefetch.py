@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from .cache import PartStore
 from .client import ObjectMeta, StoreClient
 from .engine import ObjectRef, PartFetcher
 from .errors import CacheWriteError, UsageError
-from .parts import part_bounds
+from .parts import check_threads, part_bounds
+from .progress import ProgressTracker
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,32 @@ class PrefetchResult:
     bytes_fetched: int
 
 
+class CacheSink:
+    """A transfer into the part cache: the engine stores each part; the index is the ledger."""
+
+    into_cache = True
+
+    def __init__(self, cache: PartStore, ref: ObjectRef, name: str) -> None:
+        self.cache = cache
+        self.ref = ref
+        self.name = name
+
+    def accept(self, number: int, data: memoryview) -> None:
+        # A part evicted again by a concurrent eviction is not a fault (the cache is
+        # smaller than what is being put in it); a disk or index that refuses is.
+        if self.cache.has(self.ref.part_id(number)):
+            return
+        refused = self.cache.writes_refused()
+        if refused:
+            raise CacheWriteError(
+                f"cannot write to the cache at {self.cache.root} ({refused}); "
+                f"prefetch of {self.name} stopped"
+            )
+
+    def commit(self) -> None:
+        return None  # each part was recorded by the cache when it became durable
+
+
 def prefetch_object(
     client: StoreClient,
     cache: PartStore,
@@ -48,64 +73,38 @@ def prefetch_object(
     progress: ProgressCallback | None = None,
 ) -> PrefetchResult:
     """Fetch every part of `meta` that the cache lacks, `threads` at a time."""
-    if threads < 1:
-        raise UsageError(f"bad thread count {threads}: must be at least 1")
+    threads = check_threads(threads)
     oid = cache.note_version(
         client.config.store_id, client.config.bucket, meta.key, meta.etag, meta.size, part_size
     )
     ref = ObjectRef(meta, oid, part_size)
     missing = [n for n in range(ref.parts) if not cache.has(ref.part_id(n))]
-    done = meta.size - sum(part_bounds(meta.size, part_size, n)[1] for n in missing)
+    name = client.describe(meta.key)
     log.info(
         "prefetch %s: %d of %d parts cached, fetching %d with %d threads",
-        client.describe(meta.key),
+        name,
         ref.parts - len(missing),
         ref.parts,
         len(missing),
         threads,
     )
-    lock = threading.Lock()
-    consumed = done
-    if progress:
-        progress(consumed, meta.size)
-
-    fetcher = PartFetcher(client, cache, max_parallel=1)
-
-    def fetch(number: int) -> int:
-        nonlocal consumed
-        fetcher.fetch(ref, number, durable=True)
-        # A part evicted again by a concurrent eviction is not a fault (the cache is
-        # smaller than what is being put in it); a disk or index that refuses is.
-        refused = None if cache.has(ref.part_id(number)) else cache.writes_refused()
-        if refused:
-            raise CacheWriteError(
-                f"cannot write to the cache at {cache.root} ({refused}); "
-                f"prefetch of {client.describe(meta.key)} stopped"
-            )
-        length = part_bounds(meta.size, part_size, number)[1]
-        with lock:
-            consumed += length
-            if progress:
-                progress(consumed, meta.size)
-        return length
-
-    fetched = 0
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prefetch") as pool:
-        futures = [pool.submit(fetch, n) for n in missing]
-        try:
-            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        except BaseException:  # Ctrl-C: finished parts are already recorded
-            for f in futures:
-                f.cancel()
-            raise
-        for f in futures:
-            f.cancel()
-        for f in finished:
-            if f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
-            fetched += f.result()
-    fetcher.shutdown()
-    return PrefetchResult(meta, ref.parts, len(missing), fetched)
+    tracker = ProgressTracker(meta.size, progress)
+    tracker.start(meta.size - sum(part_bounds(meta.size, part_size, n)[1] for n in missing))
+    engine = PartFetcher(
+        client,
+        cache,
+        max_parallel=threads,
+        max_inflight_bytes=2 * threads * part_size,
+        max_recent_bytes=0,
+    )
+    try:
+        result = engine.transfer(
+            ref, missing, CacheSink(cache, ref, name), threads=threads, progress=tracker.add
+        )
+    finally:
+        engine.shutdown()
+    tracker.finish()
+    return PrefetchResult(meta, ref.parts, result.parts, result.bytes)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Literal, TextIO
 
@@ -135,3 +137,51 @@ class ProgressReporter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class ProgressTracker:
+    """The one progress interface of transfers: ``callback(done_bytes, total_bytes)``.
+
+    As oss2's resumable download does: the first call says what is already
+    done, each batch of parts that lands adds to it, and ``finish`` makes the
+    final ``(total, total)`` call, exactly once, after the result is in place.
+    Values never go backwards and never reach the total before ``finish``.
+    """
+
+    def __init__(self, total: int, callback: Callable[[int, int], None] | None) -> None:
+        self.total = total
+        self.callback = callback
+        self.done = 0
+        self._reported = -1
+        self._finished = False
+        self._lock = threading.Lock()
+
+    def start(self, done: int) -> None:
+        """What an earlier run left (0 for a fresh start): the first call."""
+        with self._lock:
+            self.done = done
+        self._report()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.done += nbytes
+        self._report()
+
+    def _report(self) -> None:
+        with self._lock:
+            if self.callback is None or self._finished or not self.total:
+                return
+            value = min(self.done, self.total - 1)
+            if value <= self._reported:  # -1 at first: the first call always goes out
+                return
+            self._reported = value
+        self.callback(value, self.total)
+
+    def finish(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            self.done = self.total
+        if self.callback is not None:
+            self.callback(self.total, self.total)
