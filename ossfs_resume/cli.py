@@ -11,12 +11,14 @@ import contextlib
 import logging
 import math
 import os
+import shlex
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .client import (
@@ -28,7 +30,7 @@ from .client import (
     credentials_from_env,
     store_id,
 )
-from .download import MAX_THREADS, add_download_parser, cmd_download
+from .download import CHECKPOINT_SUFFIX, DEFAULT_THREADS, MAX_THREADS
 from .errors import OssfsError, UsageError
 from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
 from .progress import add_progress_option
@@ -218,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress_option(prefetch)
     _common_args(prefetch)
 
-    add_download_parser(sub, store_args=_store_args, common_args=_common_args)
+    add_download_parser(sub)
 
     cache = sub.add_parser("cache", help="inspect or clean the part cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -591,6 +593,162 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.setLevel(level)
     # urllib3 logs every retry with full URLs; ours are enough.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
+
+
+def add_download_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``download URL LOCAL_FILE`` to `subparsers` (from ``add_subparsers()``)."""
+    store_args, common_args = _store_args, _common_args
+    parser = subparsers.add_parser(
+        "download",
+        help="download one object to a local file (parallel, resumable)",
+        description=(
+            "Download one object in parallel parts to LOCAL_FILE. Progress is kept in a "
+            "checkpoint (LOCAL_FILE.dcp): after an interruption, run the same command "
+            "again to fetch only the missing parts."
+        ),
+    )
+    parser.add_argument("url", metavar="URL", help="oss://BUCKET/KEY or s3://BUCKET/KEY")
+    parser.add_argument("local_file", metavar="LOCAL_FILE", help="where to write the object")
+    store_args(parser)
+    parser.add_argument(
+        "--part-size",
+        default=str(DEFAULT_PART_SIZE),
+        help="part size, e.g. 8M (100K..5G; a resumed download keeps its recorded size)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"parts fetched in parallel (1..{MAX_THREADS}, default {DEFAULT_THREADS})",
+    )
+    parser.add_argument(
+        "--checkpoint", metavar="FILE", help="checkpoint file (default LOCAL_FILE.dcp)"
+    )
+    parser.add_argument(
+        "--no-checkpoint", action="store_true", help="keep no checkpoint: cannot resume"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help="a part cache whose parts of this object version are copied instead of fetched "
+        "(default: the mounts' default cache, when it exists)",
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="fetch every part, even those in the part cache"
+    )
+    add_progress_option(parser)
+    common_args(parser)
+    return parser
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this download (same options)."""
+    argv = ["ossfs-resume", "download", args.url, args.local_file, "--endpoint", args.endpoint]
+    if getattr(args, "region", None):
+        argv += ["--region", args.region]
+    if getattr(args, "signature_version", "v4") != "v4":
+        argv += ["--signature-version", args.signature_version]
+    if getattr(args, "addressing", "auto") != "auto":
+        argv += ["--addressing", args.addressing]
+    if getattr(args, "anonymous", False):
+        argv.append("--anonymous")
+    if getattr(args, "ca_bundle", None):
+        argv += ["--ca-bundle", args.ca_bundle]
+    if str(args.part_size) != str(DEFAULT_PART_SIZE):
+        argv += ["--part-size", str(args.part_size)]
+    if args.threads != DEFAULT_THREADS:
+        argv += ["--threads", str(args.threads)]
+    if args.checkpoint:
+        argv += ["--checkpoint", args.checkpoint]
+    if args.no_checkpoint:
+        argv.append("--no-checkpoint")
+    if getattr(args, "cache_dir", None):
+        argv += ["--cache-dir", args.cache_dir]
+    if getattr(args, "no_cache", False):
+        argv.append("--no-cache")
+    if getattr(args, "progress", "auto") != "auto":
+        argv += ["--progress", args.progress]
+    if getattr(args, "verbose", 0):
+        argv.append("-" + "v" * args.verbose)
+    if getattr(args, "log_file", None):
+        argv += ["--log-file", args.log_file]
+    return shlex.join(argv)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """``ossfs-resume download``: 0 on success, 130 after Ctrl-C (checkpoint kept)."""
+    from .download import resumable_download
+    from .progress import ProgressReporter
+
+    url = parse_bucket_url(args.url)
+    if not url.key or url.key.endswith("/"):
+        raise UsageError(
+            f"{args.url} names no object: expected {url.protocol}://BUCKET/KEY for download"
+        )
+    part_size = check_part_size(args.part_size)
+    threads = check_range("--threads", args.threads, 1, MAX_THREADS)
+    if args.no_checkpoint and args.checkpoint:
+        raise UsageError("--checkpoint and --no-checkpoint cannot be used together")
+    if args.no_cache and args.cache_dir:
+        raise UsageError("--cache-dir and --no-cache cannot be used together")
+    client = make_client(url, args, pool_size=threads)
+    cache = None if args.no_cache else _download_cache(args.cache_dir)
+    reporter = ProgressReporter(url.key, mode=args.progress)
+    try:
+        with reporter:
+            resumable_download(
+                client,
+                url.key,
+                args.local_file,
+                part_size=part_size,
+                num_threads=threads,
+                checkpoint_file=args.checkpoint,
+                enable_checkpoint=not args.no_checkpoint,
+                progress_callback=reporter,
+                cache=cache,
+            )
+    except KeyboardInterrupt:
+        if args.no_checkpoint:
+            kept = "nothing was kept (--no-checkpoint)"
+        else:
+            checkpoint = args.checkpoint or os.path.abspath(args.local_file) + CHECKPOINT_SUFFIX
+            if os.path.exists(checkpoint):
+                kept = f"finished parts are recorded in {checkpoint}"
+            else:
+                kept = "nothing was downloaded yet"
+        print(
+            f"ossfs-resume: interrupted; {kept}: run the same command to resume: "
+            f"{resume_command(args)}",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        if cache is not None:
+            cache.close()
+        client.close()
+    return 0
+
+
+def _download_cache(cache_dir: str | None) -> PartCache | None:
+    """The part cache a download copies from: --cache-dir (which must hold one), else the
+    default cache if there is one; never created by a download."""
+    from .cache import PartCache, cache_exists
+    from .core import default_cache_dir
+
+    where = Path(cache_dir) if cache_dir else default_cache_dir()
+    if not cache_exists(where):
+        if cache_dir:
+            raise UsageError(f"no cache at --cache-dir {cache_dir}")
+        return None
+    try:
+        cache = PartCache(where, repair=False)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("not using the part cache at %s: %s", where, exc)
+        return None
+    if cache.index_problem():
+        log.warning("not using the part cache at %s: %s", where, cache.index_problem())
+        cache.close()
+        return None
+    return cache
 
 
 COMMANDS = {

@@ -253,10 +253,18 @@ class StoreClient:
         """A URL-like name for messages: oss://bucket/key."""
         return f"{self.config.protocol}://{self.config.bucket}/{key}"
 
-    def head(self, key: str) -> ObjectMeta:
-        """HEAD an object: size, ETag, Last-Modified, CRC-64 when present."""
+    def head(
+        self,
+        key: str,
+        *,
+        version_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ObjectMeta:
+        """HEAD an object (one version of it, with `version_id`): size, ETag,
+        Last-Modified, CRC-64 when present. `headers` are sent (and signed) as given."""
         self.counters.add("head")
-        resp = self._request("HEAD", key)
+        query = {"versionId": version_id} if version_id else None
+        resp = self._request("HEAD", key, query=query, headers=headers)
         try:
             return self._meta_from_headers(key, resp.headers)
         finally:
@@ -270,6 +278,8 @@ class StoreClient:
         *,
         if_match: str | None = None,
         into: memoryview | bytearray | None = None,
+        version_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> memoryview | bytearray:
         """Fetch bytes [start, end] (inclusive) of `key`, exactly, into `into` or a new buffer.
 
@@ -288,10 +298,11 @@ class StoreClient:
         attempt = 0
         while filled < length:
             self.counters.add("get")
-            headers = {"Range": f"bytes={start + filled}-{end}"}
+            sent = {**(headers or {}), "Range": f"bytes={start + filled}-{end}"}
             if if_match:
-                headers["If-Match"] = f'"{if_match}"'
-            resp = self._request("GET", key, headers=headers, stream=True)
+                sent["If-Match"] = f'"{if_match}"'
+            query = {"versionId": version_id} if version_id else None
+            resp = self._request("GET", key, query=query, headers=sent, stream=True)
             try:
                 self._check_range_response(resp, key, start + filled, end, if_match)
                 filled += self._read_into(resp, view[filled:length], key)

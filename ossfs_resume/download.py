@@ -1,15 +1,22 @@
-"""Resumable, parallel download of one object to a local file.
+"""Resumable, parallel download of one object to a local file, on the part-transfer engine.
 
-The object is cut into aligned parts fetched by a thread pool into a temp file
-beside the target (``LOCAL_FILE.tmp``), each written at its offset. A JSON
-checkpoint (``LOCAL_FILE.dcp``) records which parts are done, each with its
-CRC-64, so a run that was killed (even ``kill -9``) continues with the missing
-parts only. It avoids the known faults of the official SDKs' resumable
-downloads (oss2, the Go SDK):
+The object is cut into aligned parts that the engine (``engine.PartFetcher``)
+fetches ``num_threads`` at a time into a temp file of this download's own
+(a unique name, recorded in the checkpoint), each written at its offset. A
+JSON checkpoint (``LOCAL_FILE.dcp``) is the ledger: it records which parts
+are done, each with its CRC-64, so a run that was killed (even ``kill -9``)
+continues with the missing parts only. Parts of that object version already
+in the part cache (after a ``prefetch``, or read through a mount) are copied
+from it instead of fetched.
 
-* the checkpoint carries its own checksum and is replaced atomically, and a
-  part is recorded only after its data is durable: a crash can lose work but
-  never record a part that is not on disk;
+It avoids the known faults of the official SDKs' resumable downloads (oss2,
+the Go SDK), and never harms a user's files:
+
+* the checkpoint carries a format marker, a version and its own checksum, and
+  is replaced atomically; a file that is not one of ours is refused and left
+  as it is; a part is recorded only after its data is durable;
+* the temp file is one this download created (``O_EXCL``), never a file the
+  user had; the target is replaced only by a fully verified file, atomically;
 * every part request is pinned to the ETag with ``If-Match``, and a resumed run
   re-checks ETag, size and Last-Modified, so the result is never a mix of two
   versions of the object;
@@ -20,29 +27,30 @@ downloads (oss2, the Go SDK):
   checkpoint and the temp file so that a retry does not fail the same way;
 * a 0-byte object works, and Ctrl-C stops scheduling, keeps the finished
   parts and leaves a usable checkpoint.
+
+``resumable_download`` takes oss2's keywords, so code written for
+``oss2.resumable_download`` needs only a different first argument.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import itertools
 import json
 import logging
 import os
 import re
-import shlex
-import sys
+import secrets
 import tempfile
-import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .checksum import crc64, crc64_of_parts
+from .cache import PartStore, UncachedParts, object_id
+from .checksum import crc64, crc64_file_range, crc64_of_parts
 from .client import ObjectMeta, StoreClient
 from .durable import fsync_dir
+from .engine import ObjectRef, PartFetcher
 from .errors import (
     CheckpointError,
     ChecksumError,
@@ -55,23 +63,27 @@ from .parts import (
     MAX_PART_SIZE,
     MIB,
     MIN_PART_SIZE,
+    PartRecord,
     check_part_size,
+    check_threads,
     part_bounds,
     part_count,
 )
-from .progress import add_progress_option
+from .progress import ProgressTracker
 
-log = logging.getLogger("ossfs_resume.download")  # also when run as __main__
+log = logging.getLogger("ossfs_resume.download")
 
 ProgressCallback = Callable[[int, int], None]
 
 DEFAULT_THREADS = 8
 #: The most --threads the command line accepts (the library takes any count >= 1).
 MAX_THREADS = 256
-TEMP_SUFFIX = ".tmp"
 CHECKPOINT_SUFFIX = ".dcp"
+#: The checkpoint's format marker: a file without it is not ours and is never touched.
 CHECKPOINT_FORMAT = "ossfs-resume-download"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+#: Temp files are ``.NAME.ossfs-resume-TOKEN.tmp`` beside the target.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.ossfs-resume-[0-9a-f]{16}\.tmp$")
 
 #: Local reads (re-checking parts, MD5) go in slices this big: bounded memory.
 _READ_CHUNK = 8 * MIB
@@ -79,6 +91,11 @@ _READ_CHUNK = 8 * MIB
 _MAX_WRITE = 0x7FFFF000
 _MD5_ETAG = re.compile(r"^[0-9a-fA-F]{32}$")
 _CRC_HEX = re.compile(r"^[0-9a-f]{16}$")
+_MAGIC = re.compile(rb'"format"\s*:\s*"' + CHECKPOINT_FORMAT.encode() + rb'"')
+
+
+class NotACheckpointError(CheckpointError):
+    """The checkpoint path holds a file that is not one of our checkpoints."""
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -116,14 +133,6 @@ class ObjectIdentity:
         return out
 
 
-@dataclass(frozen=True)
-class PartRecord:
-    """A finished part: CRC-64/XZ of its bytes and its length."""
-
-    crc64: int
-    length: int
-
-
 @dataclass
 class Checkpoint:
     """Progress of one download; serialised as JSON with a SHA-256 over its canonical form.
@@ -136,13 +145,16 @@ class Checkpoint:
          "object": {"bucket": ..., "etag": ..., "key": ..., "last_modified": <float>,
                     "size": <int>, "store_id": "s3+http://host:port"},
          "part_size": <int>,
-         "parts": [[<number>, "<crc64 as 16 lowercase hex digits>", <length>], ...]}
+         "parts": [[<number>, "<crc64 as 16 lowercase hex digits>", <length>], ...],
+         "temp": "/abs/path/.LOCAL_FILE.ossfs-resume-<16 hex>.tmp"}
     """
 
     identity: ObjectIdentity
     destination: str
     part_size: int
     parts: dict[int, PartRecord] = field(default_factory=dict)
+    #: The temp file this download created (absolute); "" until it has one.
+    temp: str = ""
 
     @property
     def part_total(self) -> int:
@@ -170,9 +182,8 @@ class Checkpoint:
             },
             "destination": self.destination,
             "part_size": self.part_size,
-            "parts": [
-                [n, f"{rec.crc64:016x}", rec.length] for n, rec in sorted(self.parts.items())
-            ],
+            "parts": [[n, f"{rec.crc:016x}", rec.length] for n, rec in sorted(self.parts.items())],
+            "temp": self.temp,
         }
 
     def to_json(self) -> bytes:
@@ -181,7 +192,11 @@ class Checkpoint:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Checkpoint:
-        """Parse and validate; any damage raises CheckpointError saying what is wrong."""
+        """Parse and validate. A file without our format marker raises NotACheckpointError
+        (it is not ours: never touch it); any damage to one of ours raises CheckpointError
+        saying what is wrong."""
+        if not _MAGIC.search(raw):
+            raise NotACheckpointError("it is not an ossfs-resume download checkpoint")
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -191,10 +206,13 @@ class Checkpoint:
         checksum = data.pop("checksum", None)
         if not isinstance(checksum, str):
             raise CheckpointError("no checksum")
-        if data.get("format") != CHECKPOINT_FORMAT or data.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(
-                f"unknown format {data.get('format')!r} version {data.get('version')!r}"
-            )
+        version = data.get("version")
+        if version != CHECKPOINT_VERSION:
+            if isinstance(version, int) and version > CHECKPOINT_VERSION:
+                raise NotACheckpointError(
+                    f"it was written by a newer version of ossfs-resume (format {version})"
+                )
+            raise CheckpointError(f"unknown format version {version!r}")
         if checksum != _digest(data):
             raise CheckpointError("checksum mismatch (edited or corrupted)")
         # The checksum matched: what follows guards against a checkpoint written by
@@ -212,13 +230,16 @@ class Checkpoint:
             destination = _typed(data["destination"], str)
             part_size = _typed(data["part_size"], int)
             raw_parts = _typed(data["parts"], list)
+            temp = _typed(data["temp"], str)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"missing or mistyped field ({exc})") from None
         if identity.size < 0:
             raise CheckpointError(f"negative size {identity.size}")
         if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
             raise CheckpointError(f"part size {part_size} out of range")
-        cp = cls(identity, destination, part_size)
+        if temp and not _is_our_temp(temp, destination):
+            raise CheckpointError(f"temp file {temp!r} is not one of ours")
+        cp = cls(identity, destination, part_size, temp=temp)
         total = cp.part_total
         for item in raw_parts:
             if not (
@@ -238,7 +259,7 @@ class Checkpoint:
             expected = part_bounds(identity.size, part_size, number)[1]
             if length != expected:
                 raise CheckpointError(f"part {number} has length {length}, not {expected}")
-            cp.parts[number] = PartRecord(int(crc_hex, 16), length)
+            cp.parts[number] = PartRecord(length, int(crc_hex, 16))
         return cp
 
     def save(self, path: str) -> None:
@@ -250,7 +271,7 @@ class Checkpoint:
         tmp = path + ".tmp"
         data = self.to_json()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 _write_all(fd, data, 0)
                 os.fsync(fd)
@@ -274,6 +295,48 @@ def load_checkpoint(path: str) -> Checkpoint | None:
     except OSError as exc:
         raise CheckpointError(f"unreadable ({exc.strerror or exc})") from None
     return Checkpoint.from_json(raw)
+
+
+def peek_temp(path: str) -> str | None:
+    """The temp file named by a damaged checkpoint of ours, if it names one of ours."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 * MIB)
+        found = re.search(rb'"temp"\s*:\s*"([^"]*)"', raw)
+        destination = re.search(rb'"destination"\s*:\s*"([^"]*)"', raw)
+    except OSError:
+        return None
+    if not found or not destination:
+        return None
+    temp = found.group(1).decode("utf-8", "replace")
+    dest = destination.group(1).decode("utf-8", "replace")
+    return temp if _is_our_temp(temp, dest) else None
+
+
+def _is_our_temp(temp: str, destination: str) -> bool:
+    """True if `temp` is named as this program names the temp files of `destination`."""
+    path = Path(temp)
+    match = _TEMP_NAME.match(path.name)
+    return (
+        match is not None
+        and match.group("name") == Path(destination).name
+        and path.parent == Path(destination).parent
+    )
+
+
+def our_temp_files(destination: str) -> list[str]:
+    """The temp files this program made for `destination` (by their unique name pattern)."""
+    d = Path(destination)
+    try:
+        names = os.listdir(d.parent)
+    except OSError:
+        return []
+    return sorted(str(d.parent / n) for n in names if _is_our_temp(str(d.parent / n), destination))
+
+
+def new_temp_path(destination: str) -> str:
+    d = Path(destination)
+    return str(d.parent / f".{d.name}.ossfs-resume-{secrets.token_hex(8)}.tmp")
 
 
 def _canonical(obj: Any) -> bytes:
@@ -321,12 +384,6 @@ def _remove(path: str | None) -> None:
         log.warning("cannot remove %s: %s", path, exc.strerror or exc)
 
 
-def _check_threads(num_threads: int) -> int:
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise UsageError(f"bad thread count {num_threads!r}: must be at least 1")
-    return num_threads
-
-
 def _check_writable_dir(directory: str, what: str) -> None:
     """Fail before any request if `what` cannot be created in `directory`.
 
@@ -360,58 +417,170 @@ def _numbers(numbers: Iterable[int], limit: int = 10) -> str:
 # --------------------------------------------------------------------------- the download
 
 
-class _Stopped(Exception):
-    """Internal: a worker found the download cancelled before it started its part."""
+def _checkpoint_in_store(store: object, client: StoreClient, key: str, destination: str) -> str:
+    """The checkpoint path for oss2's ``store`` argument: a directory, or an object with a
+    ``dir`` (oss2's ResumableDownloadStore); one file per (store, bucket, key, target)."""
+    directory = getattr(store, "dir", store)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise UsageError(f"bad store {store!r}: give a directory (or an object with .dir)")
+    raw = "\0".join((client.config.store_id, client.config.bucket, key, destination))
+    name = f"download-{hashlib.sha256(raw.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}"
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    return os.path.join(os.fspath(directory), name + CHECKPOINT_SUFFIX)
 
 
 def resumable_download(
     client: StoreClient,
     key: str,
     filename: str | os.PathLike[str],
-    part_size: int | str = DEFAULT_PART_SIZE,
-    num_threads: int = DEFAULT_THREADS,
+    multiget_threshold: int | None = None,
+    part_size: int | str | None = None,
+    progress_callback: ProgressCallback | None = None,
+    num_threads: int | None = None,
+    store: object | None = None,
+    params: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    *,
     checkpoint_file: str | os.PathLike[str] | None = None,
     enable_checkpoint: bool = True,
-    progress_callback: ProgressCallback | None = None,
+    cache: PartStore | None = None,
 ) -> ObjectMeta:
     """Download `key` to `filename` in parallel parts, resuming from a checkpoint.
+
+    oss2's keywords mean what they mean there: `multiget_threshold` (objects
+    smaller are fetched with one GET; default: one part), `part_size`,
+    `progress_callback(consumed, total)` (the final ``(total, total)`` call comes
+    once, after the file is in place), `num_threads`, `store` (the checkpoint
+    directory, or oss2's ``ResumableDownloadStore``), `params` (``versionId``)
+    and `headers` (``x-oss-request-payer``, ``x-oss-traffic-limit`` and the S3
+    equivalents are sent with every request). Ours: `checkpoint_file` (default
+    ``filename + ".dcp"``), `enable_checkpoint`, and `cache`, a part cache whose
+    parts of this version are copied instead of fetched.
 
     Returns the object's metadata (from the HEAD that pinned the version).
     Bad arguments raise UsageError before any request. If a checkpoint from an
     earlier run matches the object, only missing parts are fetched, with the
-    part size recorded there (not `part_size`). The target is replaced only
-    after the whole file passed verification; the checkpoint is deleted then.
+    part size recorded there. The target is replaced only after the whole file
+    passed verification; the checkpoint is deleted then.
 
     Raises NotFoundError for a missing key, PreconditionFailedError if the
     object changes during the run, ChecksumError if the data fails the check,
-    CheckpointError if the checkpoint cannot be written, and re-raises
-    KeyboardInterrupt with the checkpoint saved.
+    CheckpointError if the checkpoint cannot be written or is not ours, and
+    re-raises KeyboardInterrupt with the checkpoint saved.
     """
-    size_of_part = check_part_size(part_size)
-    threads = _check_threads(num_threads)
+    size_of_part = check_part_size(DEFAULT_PART_SIZE if part_size is None else part_size)
+    threads = check_threads(DEFAULT_THREADS if num_threads is None else num_threads)
+    if multiget_threshold is not None and (
+        isinstance(multiget_threshold, bool)
+        or not isinstance(multiget_threshold, int)
+        or multiget_threshold < 0
+    ):
+        raise UsageError(f"bad multiget_threshold {multiget_threshold!r}: a byte count >= 0")
+    version_id = (params or {}).get("versionId")
+    extra_headers = _request_headers(headers)
     destination = os.path.abspath(os.fspath(filename))
     if os.path.isdir(destination):
         raise UsageError(f"cannot download to {destination}: it is a directory")
     _check_writable_dir(os.path.dirname(destination), f"download target {destination}")
     checkpoint_path: str | None = None
     if enable_checkpoint:
-        checkpoint_path = (
-            os.path.abspath(os.fspath(checkpoint_file))
-            if checkpoint_file
-            else destination + CHECKPOINT_SUFFIX
-        )
-        if checkpoint_path in (destination, destination + TEMP_SUFFIX):
+        if checkpoint_file:
+            checkpoint_path = os.path.abspath(os.fspath(checkpoint_file))
+        elif store is not None:
+            checkpoint_path = _checkpoint_in_store(store, client, key, destination)
+        else:
+            checkpoint_path = destination + CHECKPOINT_SUFFIX
+        if checkpoint_path == destination:
             raise UsageError(
                 f"checkpoint file {checkpoint_path} would overwrite the download itself"
             )
         if os.path.isdir(checkpoint_path):
             raise UsageError(f"checkpoint file {checkpoint_path} is a directory")
         _check_writable_dir(os.path.dirname(checkpoint_path), f"checkpoint file {checkpoint_path}")
-    meta = client.head(key)
+    # Only what was asked for: a version and headers are the exception, not the rule.
+    head_options: dict[str, Any] = {}
+    if version_id:
+        head_options["version_id"] = version_id
+    if extra_headers:
+        head_options["headers"] = extra_headers
+    meta = client.head(key, **head_options)
     job = _Download(
-        client, meta, destination, checkpoint_path, size_of_part, threads, progress_callback
+        client,
+        meta,
+        destination,
+        checkpoint_path,
+        size_of_part,
+        threads,
+        progress_callback,
+        cache=cache,
+        single_get_below=size_of_part if multiget_threshold is None else multiget_threshold,
+        version_id=version_id,
+        headers=extra_headers,
     )
     return job.run()
+
+
+#: Request headers oss2 passes on for a download; anything else is refused, not dropped.
+_PASSED_HEADERS = {
+    "x-oss-request-payer",
+    "x-oss-traffic-limit",
+    "x-amz-request-payer",
+    "x-amz-expected-bucket-owner",
+}
+
+
+def _request_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
+    if not headers:
+        return None
+    out = {}
+    for name, value in headers.items():
+        if name.lower() not in _PASSED_HEADERS:
+            raise UsageError(
+                f"header {name!r} is not passed on by a download "
+                f"(supported: {', '.join(sorted(_PASSED_HEADERS))})"
+            )
+        out[name.lower()] = str(value)
+    return out
+
+
+class _FileSink:
+    """A transfer into the temp file; the checkpoint is its ledger.
+
+    Parts are written at their offsets as they land; ``commit`` makes the
+    batch durable (one fdatasync) and only then records it, so the checkpoint
+    never lists a part whose data a crash could lose.
+    """
+
+    into_cache = False
+
+    def __init__(self, job: _Download, cp: Checkpoint) -> None:
+        self.job = job
+        self.cp = cp
+        self.pending: dict[int, PartRecord] = {}
+
+    def accept(self, number: int, data: memoryview) -> None:
+        start = number * self.cp.part_size
+        try:
+            _write_all(self.job.fd, data, start)
+        except OSError as exc:
+            raise OssfsError(
+                f"cannot write part {number} to {self.job.temp}: {exc.strerror or exc}"
+            ) from None
+        self.pending[number] = PartRecord(len(data), crc64(data))
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        if self.job.checkpoint_path:
+            try:
+                _sync_data(self.job.fd)
+            except OSError as exc:
+                raise OssfsError(f"cannot sync {self.job.temp}: {exc.strerror or exc}") from None
+        self.cp.parts.update(self.pending)
+        log.debug("%s: recorded parts %s", self.job.name, _numbers(self.pending))
+        self.pending.clear()
+        if self.job.checkpoint_path:
+            self.cp.save(self.job.checkpoint_path)
 
 
 class _Download:
@@ -426,22 +595,30 @@ class _Download:
         part_size: int,
         threads: int,
         progress: ProgressCallback | None,
+        *,
+        cache: PartStore | None,
+        single_get_below: int,
+        version_id: str | None,
+        headers: Mapping[str, str] | None,
     ) -> None:
         self.client = client
         self.meta = meta
         self.destination = destination
-        self.temp = destination + TEMP_SUFFIX
+        self.temp = ""
         self.checkpoint_path = checkpoint_path
+        if meta.size < single_get_below:
+            # Below the threshold: one part, one GET (a resumed run keeps its recorded size).
+            part_size = min(max(meta.size, MIN_PART_SIZE), MAX_PART_SIZE)
         self.part_size = part_size
         self.threads = threads
-        self.progress = progress
+        self.tracker = ProgressTracker(meta.size, progress)
+        self.cache = cache
+        self.single_get_below = single_get_below
+        self.version_id = version_id
+        self.headers = headers
         self.identity = ObjectIdentity.of(client, meta)
         self.name = client.describe(meta.key)
-        self._fd = -1
-        self._local = threading.local()
-        self._stop = threading.Event()
-        self._progress_lock = threading.Lock()
-        self._reported = -1
+        self.fd = -1
 
     # -- top level --------------------------------------------------------
 
@@ -463,7 +640,7 @@ class _Download:
                     request_id=exc.request_id,
                 ) from exc
             self._verify(cp)
-            os.fsync(self._fd)
+            os.fsync(self.fd)
             self._close()
             try:
                 os.replace(self.temp, self.destination)
@@ -475,7 +652,7 @@ class _Download:
         finally:
             self._close()
         try:
-            self._report(self.meta.size, force=True)
+            self.tracker.finish()
         finally:
             _remove(self.checkpoint_path)  # even if the callback raised: the file is in place
         log.info(
@@ -488,28 +665,35 @@ class _Download:
         return self.meta
 
     def _close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
             os.close(fd)
 
     def _discard(self) -> None:
-        """Remove the checkpoint and the temp file: the next run starts from nothing."""
+        """Remove the checkpoint and our temp file: the next run starts from nothing."""
         _remove(self.checkpoint_path)
-        _remove(self.temp)
+        _remove(self.temp or None)
 
     # -- starting or resuming ----------------------------------------------
 
     def _prepare(self) -> Checkpoint:
-        """Load a usable checkpoint or start afresh; open and size the temp file."""
+        """Load a usable checkpoint or start afresh; open (or create) our temp file."""
         cp = self._resumable_checkpoint() if self.checkpoint_path else None
         resuming = cp is not None
         if cp is None:
             cp = Checkpoint(self.identity, self.destination, self.part_size)
-        flags = os.O_RDWR | os.O_CREAT | (0 if resuming else os.O_TRUNC)
         try:
-            self._fd = os.open(self.temp, flags, 0o644)
+            if resuming:
+                self.temp = cp.temp
+                self.fd = os.open(self.temp, os.O_RDWR | os.O_NOFOLLOW)
+            else:
+                # O_EXCL: a file of this name that we did not just create is never used.
+                self.temp = cp.temp = new_temp_path(self.destination)
+                self.fd = os.open(
+                    self.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+                )
             # Preallocate (sparsely): parts land at their offsets in any order.
-            os.ftruncate(self._fd, self.meta.size)
+            os.ftruncate(self.fd, self.meta.size)
         except OSError as exc:
             self._close()
             raise OssfsError(f"cannot create {self.temp}: {exc.strerror or exc}") from None
@@ -530,28 +714,41 @@ class _Download:
                 cp.save(self.checkpoint_path)
             except CheckpointError:
                 self._close()
+                _remove(self.temp)
                 raise
         return cp
 
     def _resumable_checkpoint(self) -> Checkpoint | None:
-        """The earlier run's checkpoint if its parts can be reused, else None (files discarded)."""
+        """The earlier run's checkpoint if its parts can be reused, else None (its files
+        discarded). A file at the checkpoint path that is not ours raises UsageError."""
         assert self.checkpoint_path is not None
         try:
             cp = load_checkpoint(self.checkpoint_path)
+        except NotACheckpointError as exc:
+            raise UsageError(
+                f"{self.checkpoint_path} exists and {exc}; refusing to overwrite it "
+                "(choose another --checkpoint, or move that file away)"
+            ) from None
         except CheckpointError as exc:
+            # Its temp file is ours by name (``.NAME.ossfs-resume-TOKEN.tmp``, created with
+            # O_EXCL); the one it names, or, if that part is lost, those of this target.
+            named = peek_temp(self.checkpoint_path)
+            temps = [named] if named else our_temp_files(self.destination)
             log.warning(
-                "%s: checkpoint %s is damaged (%s); discarding it and %s, "
-                "and downloading every part again",
+                "%s: checkpoint %s is damaged (%s); discarding it%s, and downloading every "
+                "part again",
                 self.name,
                 self.checkpoint_path,
                 exc,
-                self.temp,
+                "".join(f" and {t}" for t in temps),
             )
-            self._discard()
+            _remove(self.checkpoint_path)
+            for temp in temps:
+                _remove(temp)
             return None
         if cp is None:
-            # A temp file without a checkpoint says nothing about its contents.
             return None
+        self.temp = cp.temp
         changes = cp.identity.differences(self.identity)
         if cp.destination != self.destination:
             changes.append(f"destination {cp.destination!r} -> {self.destination!r}")
@@ -562,23 +759,28 @@ class _Download:
                 self.checkpoint_path,
                 "; ".join(changes),
             )
+            if cp.destination != self.destination:
+                # Its temp file belongs to another target's download: leave it to that one.
+                self.temp = ""
             self._discard()
+            self.temp = ""
             return None
         try:
-            temp_size = os.stat(self.temp).st_size
+            temp_size = os.lstat(self.temp).st_size if self.temp else -1
         except FileNotFoundError:
             temp_size = -1
-        if cp.parts and temp_size < cp.recorded_end():
+        if temp_size < 0 or (cp.parts and temp_size < cp.recorded_end()):
             state = "missing" if temp_size < 0 else f"only {temp_size} bytes long"
             log.warning(
                 "%s: temp file %s is %s but the checkpoint records %d bytes; "
                 "downloading every part again",
                 self.name,
-                self.temp,
+                self.temp or "(none)",
                 state,
                 cp.recorded_end(),
             )
             self._discard()
+            self.temp = ""
             return None
         if cp.part_size != self.part_size:
             log.info(
@@ -592,17 +794,10 @@ class _Download:
     # -- fetching -----------------------------------------------------------
 
     def _fetch_missing(self, cp: Checkpoint) -> None:
-        """Fetch every part the checkpoint lacks, `threads` at a time.
-
-        Only the calling thread records parts and reports progress, after each
-        batch of finished parts is saved in the checkpoint: progress never runs
-        ahead of what a crash would keep. At most 2 x threads parts are queued,
-        so stopping (an error, Ctrl-C) cancels little and memory stays at one
-        part buffer per worker thread.
-        """
+        """Fetch every part the checkpoint lacks, on the engine, `threads` at a time."""
         total = cp.part_total
         missing = [n for n in range(total) if n not in cp.parts]
-        self._report(cp.done_bytes())
+        self.tracker.start(cp.done_bytes())
         log.info(
             "%s: %d bytes in %s of %d bytes; %s done, fetching %d with %s",
             self.name,
@@ -615,157 +810,51 @@ class _Download:
         )
         if not missing:
             return
-        pending = iter(missing)
-        window = 2 * self.threads
-        running: set[Future[tuple[int, PartRecord]]] = set()
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="download") as pool:
-            try:
-                for n in itertools.islice(pending, window):
-                    running.add(pool.submit(self._fetch_part, n, cp.part_size))
-                while running:
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    error = self._absorb(cp, finished, report=True)
-                    if error is not None:
-                        raise error
-                    for n in itertools.islice(pending, len(finished)):
-                        running.add(pool.submit(self._fetch_part, n, cp.part_size))
-            except BaseException as exc:
-                self._stop.set()
-                for fut in running:
-                    fut.cancel()
-                log.info(
-                    "%s: stopping (%s); waiting for %s in flight",
-                    self.name,
-                    type(exc).__name__,
-                    _plural(sum(1 for f in running if not f.cancelled()), "part"),
-                )
-                # Parts already being fetched are kept if they finish: the
-                # checkpoint only ever lists parts whose data is on disk.
-                done, _ = wait(running)
-                try:
-                    self._absorb(cp, done, report=False)
-                except CheckpointError as late:
-                    log.warning("%s: while stopping: %s", self.name, late)
-                raise
-
-    def _absorb(
-        self, cp: Checkpoint, finished: Iterable[Future[tuple[int, PartRecord]]], *, report: bool
-    ) -> BaseException | None:
-        """Record the parts that finished and save the checkpoint once; return the first failure.
-
-        Failures of other parts after the first one (typically the same 412 from
-        every worker) are only logged.
-        """
-        error: BaseException | None = None
-        recorded: list[int] = []
-        for fut in finished:
-            if fut.cancelled():
-                continue
-            exc = fut.exception()
-            if exc is not None:
-                if isinstance(exc, _Stopped):
-                    continue
-                if error is None:
-                    error = exc
-                else:
-                    log.debug("%s: another part failed too: %s", self.name, exc)
-                continue
-            number, record = fut.result()
-            cp.parts[number] = record
-            recorded.append(number)
-        if recorded:
-            if self.checkpoint_path:
-                # One fdatasync per batch, before the batch is recorded: a part is
-                # never in the checkpoint before its data is durable, and workers
-                # do not serialise on syncing each other's dirty pages.
-                try:
-                    _sync_data(self._fd)
-                except OSError as exc:
-                    raise OssfsError(f"cannot sync {self.temp}: {exc.strerror or exc}") from None
-                cp.save(self.checkpoint_path)
-            log.debug("%s: recorded parts %s", self.name, _numbers(recorded))
-            if report:
-                self._report(cp.done_bytes())
-        return error
-
-    def _buffer(self, length: int, part_size: int) -> memoryview:
-        """This worker thread's part buffer, allocated once: memory = threads x part size."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < length:
-            buf = bytearray(min(part_size, self.meta.size))
-            self._local.buf = buf
-        return memoryview(buf)[:length]
-
-    def _fetch_part(self, number: int, part_size: int) -> tuple[int, PartRecord]:
-        """GET one part pinned to the ETag, write it at its offset, make it durable."""
-        if self._stop.is_set():
-            raise _Stopped
-        start, length = part_bounds(self.meta.size, part_size, number)
-        view = self._buffer(length, part_size)
-        # One get_range for the whole part: the client resumes a body cut short
-        # from the byte reached, into the same buffer.
-        self.client.get_range(
-            self.meta.key,
-            start,
-            start + length - 1,
-            if_match=self.meta.etag or None,
-            into=view,
+        cache = self.cache if self.cache is not None else UncachedParts("", "", warn=False)
+        oid = object_id(
+            self.client.config.store_id, self.client.config.bucket, self.meta.key, self.meta.etag
         )
-        crc = crc64(view)
+        ref = ObjectRef(self.meta, oid, cp.part_size)
+        engine = PartFetcher(
+            self.client,
+            cache,
+            max_parallel=self.threads,
+            max_inflight_bytes=2 * self.threads * cp.part_size,
+            max_recent_bytes=0,
+            version_id=self.version_id,
+            headers=self.headers,
+        )
         try:
-            _write_all(self._fd, view, start)
-        except OSError as exc:
-            raise OssfsError(
-                f"cannot write part {number} to {self.temp}: {exc.strerror or exc}"
-            ) from None
-        log.debug(
-            "%s: part %d (bytes %d-%d) written, crc64 %016x",
-            self.name,
-            number,
-            start,
-            start + length - 1,
-            crc,
-        )
-        return number, PartRecord(crc, length)
-
-    def _report(self, consumed: int, *, force: bool = False) -> None:
-        """Call the progress callback, never with a smaller value than before."""
-        if self.progress is None:
-            return
-        with self._progress_lock:
-            if consumed < self._reported or (consumed == self._reported and not force):
-                return
-            self._reported = consumed
-            self.progress(consumed, self.meta.size)
+            result = engine.transfer(
+                ref, missing, _FileSink(self, cp), threads=self.threads, progress=self.tracker.add
+            )
+        finally:
+            engine.shutdown()
+        if result.from_cache:
+            log.info(
+                "%s: %s of %d copied from the part cache, not fetched",
+                self.name,
+                _plural(result.from_cache, "part"),
+                len(missing),
+            )
 
     # -- verification ---------------------------------------------------------
 
     def _bad_parts_on_disk(self, cp: Checkpoint, numbers: Iterable[int]) -> list[int]:
         """Parts whose bytes in the temp file do not match their recorded CRC-64."""
+        buf = memoryview(bytearray(min(_READ_CHUNK, max(cp.part_size, 1))))
         bad = []
         for n in sorted(numbers):
             rec = cp.parts[n]
-            start = n * cp.part_size
-            if self._crc_on_disk(start, rec.length) != rec.crc64:
+            if crc64_file_range(self.fd, n * cp.part_size, rec.length, buf) != rec.crc:
                 bad.append(n)
         return bad
-
-    def _crc_on_disk(self, start: int, length: int) -> int | None:
-        crc = 0
-        offset, end = start, start + length
-        while offset < end:
-            chunk = os.pread(self._fd, min(_READ_CHUNK, end - offset), offset)
-            if not chunk:
-                return None  # file shorter than the part
-            crc = crc64(chunk, crc)
-            offset += len(chunk)
-        return crc
 
     def _md5_on_disk(self) -> str:
         digest = hashlib.md5()
         offset = 0
         while offset < self.meta.size:
-            chunk = os.pread(self._fd, min(_READ_CHUNK, self.meta.size - offset), offset)
+            chunk = os.pread(self.fd, min(_READ_CHUNK, self.meta.size - offset), offset)
             if not chunk:
                 break
             digest.update(chunk)
@@ -782,7 +871,7 @@ class _Download:
         """
         size = self.meta.size
         missing = [n for n in range(cp.part_total) if n not in cp.parts]
-        actual_size = os.fstat(self._fd).st_size
+        actual_size = os.fstat(self.fd).st_size
         problem: str | None = None
         method = "size"
         if missing:
@@ -791,7 +880,7 @@ class _Download:
             problem = f"temp file has {actual_size} bytes, not {size}"
         elif self.meta.crc64 is not None:
             got = crc64_of_parts(
-                (cp.parts[n].crc64, cp.parts[n].length) for n in range(cp.part_total)
+                (cp.parts[n].crc, cp.parts[n].length) for n in range(cp.part_total)
             )
             if got != self.meta.crc64:
                 problem = f"CRC-64 {got} != {self.meta.crc64} reported by the store"
@@ -815,130 +904,3 @@ class _Download:
                 f"removed {self.temp} and the checkpoint: run again to download it afresh"
             )
         log.info("%s: verified (%s)", self.name, method)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_download_parser(
-    subparsers: Any,
-    *,
-    store_args: Callable[[argparse.ArgumentParser], None] | None = None,
-    common_args: Callable[[argparse.ArgumentParser], None] | None = None,
-) -> argparse.ArgumentParser:
-    """Add ``download URL LOCAL_FILE`` to `subparsers` (from ``add_subparsers()``)."""
-    if store_args is None or common_args is None:
-        from . import cli  # lazily: cli imports this module
-
-        store_args = store_args or cli._store_args
-        common_args = common_args or cli._common_args
-    parser = subparsers.add_parser(
-        "download",
-        help="download one object to a local file (parallel, resumable)",
-        description=(
-            "Download one object in parallel parts to LOCAL_FILE. Progress is kept in a "
-            "checkpoint (LOCAL_FILE.dcp): after an interruption, run the same command "
-            "again to fetch only the missing parts."
-        ),
-    )
-    parser.add_argument("url", metavar="URL", help="oss://BUCKET/KEY or s3://BUCKET/KEY")
-    parser.add_argument("local_file", metavar="LOCAL_FILE", help="where to write the object")
-    store_args(parser)
-    parser.add_argument(
-        "--part-size",
-        default=str(DEFAULT_PART_SIZE),
-        help="part size, e.g. 8M (100K..5G; a resumed download keeps its recorded size)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=DEFAULT_THREADS,
-        help=f"parts fetched in parallel (1..{MAX_THREADS}, default {DEFAULT_THREADS})",
-    )
-    parser.add_argument(
-        "--checkpoint", metavar="FILE", help="checkpoint file (default LOCAL_FILE.dcp)"
-    )
-    parser.add_argument(
-        "--no-checkpoint", action="store_true", help="keep no checkpoint: cannot resume"
-    )
-    add_progress_option(parser)
-    common_args(parser)
-    return parser
-
-
-def resume_command(args: argparse.Namespace) -> str:
-    """The command line that continues this download (same options)."""
-    argv = ["ossfs-resume", "download", args.url, args.local_file, "--endpoint", args.endpoint]
-    if getattr(args, "region", None):
-        argv += ["--region", args.region]
-    if getattr(args, "signature_version", "v4") != "v4":
-        argv += ["--signature-version", args.signature_version]
-    if getattr(args, "addressing", "auto") != "auto":
-        argv += ["--addressing", args.addressing]
-    if getattr(args, "anonymous", False):
-        argv.append("--anonymous")
-    if getattr(args, "ca_bundle", None):
-        argv += ["--ca-bundle", args.ca_bundle]
-    if str(args.part_size) != str(DEFAULT_PART_SIZE):
-        argv += ["--part-size", str(args.part_size)]
-    if args.threads != DEFAULT_THREADS:
-        argv += ["--threads", str(args.threads)]
-    if args.checkpoint:
-        argv += ["--checkpoint", args.checkpoint]
-    if args.no_checkpoint:
-        argv.append("--no-checkpoint")
-    if getattr(args, "progress", "auto") != "auto":
-        argv += ["--progress", args.progress]
-    if getattr(args, "verbose", 0):
-        argv.append("-" + "v" * args.verbose)
-    if getattr(args, "log_file", None):
-        argv += ["--log-file", args.log_file]
-    return shlex.join(argv)
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    """``ossfs-resume download``: 0 on success, 130 after Ctrl-C (checkpoint kept)."""
-    from .cli import check_range, make_client, parse_bucket_url
-    from .progress import ProgressReporter
-
-    url = parse_bucket_url(args.url)
-    if not url.key or url.key.endswith("/"):
-        raise UsageError(
-            f"{args.url} names no object: expected {url.protocol}://BUCKET/KEY for download"
-        )
-    part_size = check_part_size(args.part_size)
-    threads = check_range("--threads", args.threads, 1, MAX_THREADS)
-    if args.no_checkpoint and args.checkpoint:
-        raise UsageError("--checkpoint and --no-checkpoint cannot be used together")
-    client = make_client(url, args, pool_size=threads)
-    reporter = ProgressReporter(url.key, mode=args.progress)
-    try:
-        with reporter:
-            resumable_download(
-                client,
-                url.key,
-                args.local_file,
-                part_size=part_size,
-                num_threads=threads,
-                checkpoint_file=args.checkpoint,
-                enable_checkpoint=not args.no_checkpoint,
-                progress_callback=reporter,
-            )
-    except KeyboardInterrupt:
-        if args.no_checkpoint:
-            kept = "nothing was kept (--no-checkpoint)"
-        else:
-            checkpoint = args.checkpoint or os.path.abspath(args.local_file) + CHECKPOINT_SUFFIX
-            if os.path.exists(checkpoint):
-                kept = f"finished parts are recorded in {checkpoint}"
-            else:
-                kept = "nothing was downloaded yet"
-        print(
-            f"ossfs-resume: interrupted; {kept}: run the same command to resume: "
-            f"{resume_command(args)}",
-            file=sys.stderr,
-        )
-        return 130
-    finally:
-        client.close()
-    return 0

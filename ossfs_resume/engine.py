@@ -25,10 +25,10 @@ import logging
 import mmap
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import cachetools
 
@@ -128,9 +128,17 @@ class PartFetcher:
         max_parallel: int = 8,
         max_inflight_bytes: int = 256 << 20,
         max_recent_bytes: int | None = None,
+        version_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
+        # Sent with every GET: a download of one object version (oss2's params/headers).
+        self._get_options: dict[str, Any] = {}
+        if version_id:
+            self._get_options["version_id"] = version_id
+        if headers:
+            self._get_options["headers"] = dict(headers)
         self.max_inflight_bytes = max_inflight_bytes
         self._lock = threading.Lock()
         self._inflight: dict[PartId, _Inflight] = {}
@@ -222,7 +230,12 @@ class PartFetcher:
         if size:
             start = part_start + offset
             self.client.get_range(
-                ref.meta.key, start, start + size - 1, if_match=ref.meta.etag, into=view[:size]
+                ref.meta.key,
+                start,
+                start + size - 1,
+                if_match=ref.meta.etag,
+                into=view[:size],
+                **self._get_options,
             )
             self.cache.note_fetched(size)
         return size
@@ -426,7 +439,12 @@ class PartFetcher:
                 return
             buf = aligned_buffer(length)  # O_DIRECT-ready: see the class docstring
             self.client.get_range(
-                ref.meta.key, start, start + length - 1, if_match=ref.meta.etag, into=buf
+                ref.meta.key,
+                start,
+                start + length - 1,
+                if_match=ref.meta.etag,
+                into=buf,
+                **self._get_options,
             )
             self.cache.note_fetched(length)
             to_store = buf if entry.store else None

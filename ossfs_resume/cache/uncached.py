@@ -23,14 +23,15 @@ class UncachedParts:
     max_bytes = 0
     min_free_bytes = 0
 
-    def __init__(self, root: Path | str, reason: str) -> None:
+    def __init__(self, root: Path | str, reason: str, *, warn: bool = True) -> None:
         self.root = Path(root)
         self.reason = reason
         self.hits = 0
         self.misses = 0
-        log.warning(
-            "the cache dir %s is unusable (%s); reading straight from the store", root, reason
-        )
+        if warn:  # not when no cache was asked for (a download with --no-cache)
+            log.warning(
+                "the cache dir %s is unusable (%s); reading straight from the store", root, reason
+            )
 
     def record(self, pid: PartId) -> PartRecord | None:
         return None

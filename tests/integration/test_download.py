@@ -88,7 +88,11 @@ def cp_of(path: Path) -> Path:
 
 
 def tmp_of(path: Path) -> Path:
-    return Path(f"{path}.tmp")
+    """The download's own temp file (a unique name beside the target), or a path that
+    does not exist when there is none."""
+    found = sorted(path.parent.glob(f".{path.name}.ossfs-resume-*.tmp"))
+    assert len(found) <= 1, found
+    return found[0] if found else path.parent / f".{path.name}.ossfs-resume-none.tmp"
 
 
 def interrupt_after(parts: int):

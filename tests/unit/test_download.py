@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from ossfs_resume import cli
 from ossfs_resume import download as dl
 from ossfs_resume.checksum import crc64
 from ossfs_resume.client import ObjectMeta, RequestCounters, StoreConfig
@@ -117,8 +118,10 @@ def target(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _out_dir(tmp_path: Path) -> None:
+def _out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "out").mkdir()
+    # The command copies parts from the default part cache when there is one: none here.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
 
 def cp_of(target: Path) -> Path:
@@ -126,7 +129,11 @@ def cp_of(target: Path) -> Path:
 
 
 def tmp_of(target: Path) -> Path:
-    return Path(str(target) + ".tmp")
+    """The download's own temp file (a unique name beside the target), or a path that
+    does not exist when there is none."""
+    found = sorted(target.parent.glob(f".{target.name}.ossfs-resume-*.tmp"))
+    assert len(found) <= 1, found
+    return found[0] if found else target.parent / f".{target.name}.ossfs-resume-none.tmp"
 
 
 def interrupt_after(parts: int) -> Callable[[int, int], None]:
@@ -165,8 +172,8 @@ def interrupted_run(
 def sample_checkpoint() -> Checkpoint:
     ident = ObjectIdentity("s3+http://h:1", "bkt", "k", 3 * PART + 5, "etag1", 1.7e9 + 0.25)
     cp = Checkpoint(ident, "/abs/file", PART)
-    cp.parts[0] = PartRecord(0x0123456789ABCDEF, PART)
-    cp.parts[3] = PartRecord(7, 5)
+    cp.parts[0] = PartRecord(PART, 0x0123456789ABCDEF)
+    cp.parts[3] = PartRecord(5, 7)
     return cp
 
 
@@ -221,7 +228,7 @@ def _drop_checksum(text: str) -> str:
         lambda t: t[: len(t) // 2],
         lambda t: "",
         lambda t: "[1, 2]",
-        lambda t: t.replace('"version":1', '"version":2'),
+        lambda t: t.replace('"version":2', '"version":1'),
     ],
     ids=[
         "crc",
@@ -366,7 +373,7 @@ def test_interrupt_keeps_finished_parts_and_resume_uses_recorded_part_size(targe
     on_disk = tmp_of(target).read_bytes()
     for n, rec in cp.parts.items():
         assert on_disk[n * PART : n * PART + rec.length] == data[n * PART : n * PART + rec.length]
-        assert crc64(data[n * PART : n * PART + rec.length]) == rec.crc64
+        assert crc64(data[n * PART : n * PART + rec.length]) == rec.crc
 
     client.ranges.clear()
     seen: list[tuple[int, int]] = []
@@ -404,18 +411,20 @@ def test_resume_refetches_a_recorded_part_modified_on_disk(target: Path, caplog)
     assert any("no longer match" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("damage", ["crc", "json", "garbage"])
+@pytest.mark.parametrize("damage", ["crc", "json", "truncated"])
 def test_damaged_checkpoint_means_full_restart_and_one_warning(target: Path, caplog, damage):
     data = payload(6 * PART + 1)
     client = FakeClient(data)
     interrupted_run(client, target, after=2)
     path = cp_of(target)
+    temp = tmp_of(target)
+    assert temp.exists()
     if damage == "crc":
         path.write_text(_flip_crc_digit(path.read_text()))
     elif damage == "json":
         path.write_text(path.read_text().replace(f'"part_size":{PART}', '"part_size":204800'))
     else:
-        path.write_bytes(os.urandom(64))
+        path.write_text(path.read_text()[:-40])
     client.ranges.clear()
     with caplog.at_level(logging.INFO, logger="ossfs_resume"):
         resumable_download(client, client.key, target, part_size=PART)
@@ -424,6 +433,52 @@ def test_damaged_checkpoint_means_full_restart_and_one_warning(target: Path, cap
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "damaged" in warnings[0].getMessage()
+    assert not temp.exists()  # its temp file (ours, named in it) went with it
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"my notes, not a checkpoint\n", b'{"notes": ["a", "b"]}', os.urandom(64), b""],
+    ids=["text", "json", "binary", "empty"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_refused_and_left_untouched(
+    tmp_path: Path, target: Path, content: bytes
+):
+    client = FakeClient(payload(3 * PART))
+    notes = tmp_path / "notes.json"
+    notes.write_bytes(content)
+    with pytest.raises(UsageError, match="not an ossfs-resume download checkpoint"):
+        resumable_download(client, client.key, target, part_size=PART, checkpoint_file=notes)
+    assert notes.read_bytes() == content
+    assert client.ranges == []
+    assert not target.exists() and not tmp_of(target).exists()
+
+
+def test_an_existing_temp_like_file_of_the_user_is_never_touched(target: Path):
+    data = payload(3 * PART)
+    client = FakeClient(data)
+    theirs = Path(str(target) + ".tmp")
+    theirs.write_bytes(b"the user's own file")
+    target.write_bytes(b"the old target")
+    resumable_download(client, client.key, target, part_size=PART)
+    assert target.read_bytes() == data
+    assert theirs.read_bytes() == b"the user's own file"
+
+
+def test_a_checkpoint_naming_a_temp_file_that_is_not_ours_is_damaged(target: Path, tmp_path):
+    data = payload(3 * PART)
+    client = FakeClient(data)
+    interrupted_run(client, target, after=1)
+    path = cp_of(target)
+    body = json.loads(path.read_text())
+    body.pop("checksum")
+    precious = tmp_path / "out" / "precious.txt"
+    precious.write_text("keep me")
+    body["temp"] = str(precious)
+    path.write_bytes(dl._canonical({**body, "checksum": dl._digest(body)}))
+    resumable_download(client, client.key, target, part_size=PART)
+    assert target.read_bytes() == data
+    assert precious.read_text() == "keep me"
 
 
 @pytest.mark.parametrize("how", ["truncated", "missing"])
@@ -524,20 +579,21 @@ def test_md5_mismatch_removes_checkpoint_and_temp(target: Path):
     assert not cp_of(target).exists() and not tmp_of(target).exists()
 
 
-def test_multipart_etag_falls_back_to_rereading_parts(target: Path):
+def test_multipart_etag_falls_back_to_rereading_parts(target: Path, monkeypatch):
     data = payload(4 * PART)
     client = FakeClient(data, etag="0123456789abcdef0123456789abcdef-4")
+    real_verify = dl._Download._verify
 
-    def corrupt_temp_when_done(consumed: int, total: int) -> None:
-        if consumed == total and tmp_of(target).exists():
-            with open(tmp_of(target), "r+b") as f:
-                f.seek(PART + 3)
-                f.write(b"\xff\xfe")
+    def corrupt_temp_then_verify(job: Any, cp: Any) -> None:
+        with open(tmp_of(target), "r+b") as f:  # the disk changed it after it was written
+            f.seek(PART + 3)
+            f.write(b"\xff\xfe")
+        real_verify(job, cp)
 
+    monkeypatch.setattr(dl._Download, "_verify", corrupt_temp_then_verify)
     with pytest.raises(ChecksumError, match=r"parts 1 differ"):
-        resumable_download(
-            client, client.key, target, part_size=PART, progress_callback=corrupt_temp_when_done
-        )
+        resumable_download(client, client.key, target, part_size=PART)
+    monkeypatch.undo()
     assert not cp_of(target).exists() and not tmp_of(target).exists()
     resumable_download(client, client.key, target, part_size=PART)
     assert target.read_bytes() == data
@@ -578,7 +634,7 @@ def test_explicit_checkpoint_path(tmp_path: Path, target: Path):
 
 def cli_args(target: Path, **over) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    dl.add_download_parser(parser.add_subparsers(dest="command"))
+    cli.add_download_parser(parser.add_subparsers(dest="command"))
     argv = ["download", "s3://bkt/dir/obj.bin", str(target), "--endpoint", "http://x.invalid"]
     args = parser.parse_args(argv + over.pop("extra", []))
     return args
@@ -589,11 +645,11 @@ def test_parser_defaults(target: Path):
     assert args.part_size == str(dl.DEFAULT_PART_SIZE)
     assert args.threads == dl.DEFAULT_THREADS == 8
     assert args.checkpoint is None and args.no_checkpoint is False
-    assert dl.resume_command(args) == (
+    assert cli.resume_command(args) == (
         f"ossfs-resume download s3://bkt/dir/obj.bin {target} --endpoint http://x.invalid"
     )
     args = cli_args(target, extra=["--threads", "4", "--part-size", "1M", "--anonymous", "-v"])
-    assert dl.resume_command(args).endswith("--anonymous --part-size 1M --threads 4 -v")
+    assert cli.resume_command(args).endswith("--anonymous --part-size 1M --threads 4 -v")
 
 
 def test_cmd_download_ctrl_c_prints_one_line_and_returns_130(target: Path, monkeypatch, capsys):
@@ -606,13 +662,13 @@ def test_cmd_download_ctrl_c_prints_one_line_and_returns_130(target: Path, monke
     fake = FakeClient(data, hook=hook)
     monkeypatch.setattr("ossfs_resume.cli.make_client", lambda url, args, **kw: fake)
     args = cli_args(target, extra=["--threads", "1", "--part-size", "100K"])
-    assert dl.cmd_download(args) == 130
+    assert cli.cmd_download(args) == 130
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1, err
     assert "run the same command to resume: ossfs-resume download s3://bkt/dir/obj.bin" in err[0]
     assert len(load_checkpoint(str(cp_of(target))).parts) == 3
     fake.hook = None
-    assert dl.cmd_download(args) == 0
+    assert cli.cmd_download(args) == 0
     assert target.read_bytes() == data
 
 
@@ -628,7 +684,7 @@ def test_cmd_download_ctrl_c_prints_one_line_and_returns_130(target: Path, monke
 def test_cmd_download_usage_errors(target: Path, monkeypatch, extra, needle):
     monkeypatch.setattr("ossfs_resume.cli.make_client", pytest.fail)
     with pytest.raises(UsageError, match=needle):
-        dl.cmd_download(cli_args(target, extra=extra))
+        cli.cmd_download(cli_args(target, extra=extra))
 
 
 def test_cmd_download_needs_a_key(target: Path, monkeypatch):
@@ -636,7 +692,7 @@ def test_cmd_download_needs_a_key(target: Path, monkeypatch):
     args = cli_args(target)
     args.url = "s3://bkt/dir/"
     with pytest.raises(UsageError, match="names no object"):
-        dl.cmd_download(args)
+        cli.cmd_download(args)
 
 
 # --------------------------------------------------------------------------- progress display
