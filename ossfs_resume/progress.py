@@ -145,7 +145,8 @@ class ProgressTracker:
     As oss2's resumable download does: the first call says what is already
     done, each batch of parts that lands adds to it, and ``finish`` makes the
     final ``(total, total)`` call, exactly once, after the result is in place.
-    Values never go backwards and never reach the total before ``finish``.
+    Values never go backwards and never reach the total before ``finish``
+    (so with one thread the calls are exactly oss2's).
     """
 
     def __init__(self, total: int, callback: Callable[[int, int], None] | None) -> None:
@@ -171,8 +172,9 @@ class ProgressTracker:
         with self._lock:
             if self.callback is None or self._finished or not self.total:
                 return
-            value = min(self.done, self.total - 1)
-            if value <= self._reported:  # -1 at first: the first call always goes out
+            value = self.done
+            # All bytes in is not done yet (verify, rename): ``finish`` says so, once.
+            if value >= self.total or value <= self._reported:  # -1: the first call goes out
                 return
             self._reported = value
         self.callback(value, self.total)

@@ -536,3 +536,66 @@ def test_missing_key(store, proxy, tmp_path):
     args = [f"s3://{store.bucket}/download/no-such-key.bin", str(out), "--endpoint", store.endpoint]
     one_line_error(run_download(args, store_env(store)), 1, "no such object")
     assert not out.exists() and not tmp_of(out).exists() and not cp_of(out).exists()
+
+
+# --------------------------------------------------------------------------- one engine
+
+
+def test_a_download_after_a_prefetch_copies_from_the_cache(store, proxy, tmp_path: Path):
+    """prefetch and download run on one engine and one part cache: the download moves
+    (almost) nothing over the wire; --no-cache fetches everything again."""
+    key, data = put_random(store, "after-prefetch", 24 * MIB + 99, seed=31)
+    cache = tmp_path / "cache"
+    env = store_env(store)
+    url = f"s3://{store.bucket}/{key}"
+    common = ["--endpoint", proxy.endpoint, "--progress", "never"]
+    done = run_cli(
+        ["prefetch", url, "--cache-dir", str(cache), "--part-size", "1M", *common], env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert ranged_bytes(proxy) == len(data)
+    proxy.reset_counts()
+    out = tmp_path / "copy.bin"
+    got = run_cli(
+        ["download", url, str(out), "--cache-dir", str(cache), "--part-size", "1M", *common],
+        env=env,
+    )
+    assert got.returncode == 0, got.stderr
+    assert md5(out.read_bytes()) == md5(data)
+    assert ranged_bytes(proxy) < len(data) // 100  # < 1% of the object over the wire
+    proxy.reset_counts()
+    again = tmp_path / "again.bin"
+    fetched = run_cli(
+        ["download", url, str(again), "--no-cache", "--part-size", "1M", *common], env=env
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    assert again.read_bytes() == data
+    assert ranged_bytes(proxy) == len(data)
+
+
+def test_same_bytes_and_progress_calls_as_oss2(store, tmp_path: Path):
+    """Code written for oss2.resumable_download needs only a different first argument."""
+    oss2 = pytest.importorskip("oss2")
+    key, data = put_random(store, "oss2-compat", 5 * MIB + 4321, seed=32)
+    bucket = oss2.Bucket(oss2.AnonymousAuth(), store.endpoint, store.bucket)
+    client = client_for(store, store.endpoint, "oss")
+    runs = {}
+    for name, first in (("oss2", bucket), ("ours", client)):
+        target = tmp_path / f"{name}.bin"
+        calls: list[tuple[int, int]] = []
+        (oss2.resumable_download if name == "oss2" else resumable_download)(
+            first,
+            key,
+            str(target),
+            multiget_threshold=1024,
+            part_size=1 * MIB,
+            progress_callback=lambda c, t, calls=calls: calls.append((c, t)),
+            num_threads=1,
+            store=oss2.ResumableDownloadStore(root=str(tmp_path / f"{name}-store")),
+        )
+        runs[name] = (target.read_bytes(), calls)
+    client.close()
+    assert runs["ours"][0] == runs["oss2"][0] == data
+    # One thread: oss2 reports what is done before each part, then (total, total) once.
+    assert runs["ours"][1] == runs["oss2"][1]
+    assert runs["ours"][1].count((len(data), len(data))) == 1
