@@ -6,6 +6,10 @@ sockets and SQLite handles created before a fork do not survive it.
 Every callback goes through :func:`fuse_errno`: whatever it raises becomes an
 errno (never mfusepy's catch-all EINVAL), and a failure is logged once, as one
 line naming the operation and the path (the traceback only at debug level).
+
+mfusepy is used through its public interface only: a plain ``FUSE`` (its docs say
+not to subclass it) given this adapter; reads are its ``read_buf`` callback, so the
+core fills the buffer libfuse replies from, with no copy in Python.
 """
 
 from __future__ import annotations
