@@ -6,6 +6,10 @@ sockets and SQLite handles created before a fork do not survive it.
 Every callback goes through :func:`fuse_errno`: whatever it raises becomes an
 errno (never mfusepy's catch-all EINVAL), and a failure is logged once, as one
 line naming the operation and the path (the traceback only at debug level).
+
+mfusepy is used through its public interface only: a plain ``FUSE`` (its docs say
+not to subclass it) given this adapter; reads are its ``read_buf`` callback, so the
+core fills the buffer libfuse replies from, with no copy in Python.
 """
 
 from __future__ import annotations
@@ -26,6 +30,44 @@ from .core import BucketFS, FsError
 from .errors import OssfsError
 
 log = logging.getLogger(__name__)
+
+# read_buf hands libfuse buffers that libfuse releases with free() once it has replied
+# (fuse_free_buf), so they must come from the malloc it links to: the process-wide one.
+_libc = ctypes.CDLL(None)
+_malloc = _libc.malloc
+_malloc.restype = ctypes.c_void_p
+_malloc.argtypes = [ctypes.c_size_t]
+_free = _libc.free
+_free.restype = None
+_free.argtypes = [ctypes.c_void_p]
+
+
+class FuseBuf(ctypes.Structure):
+    """libfuse's struct fuse_buf (fuse_common.h; off_t is 64-bit in libfuse 3)."""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("flags", ctypes.c_int),
+        ("mem", ctypes.c_void_p),
+        ("fd", ctypes.c_int),
+        ("pos", ctypes.c_int64),
+    ]
+
+
+class FuseBufvec(ctypes.Structure):
+    """libfuse's struct fuse_bufvec. Its first fuse_buf is inline (``struct fuse_buf
+    buf[1]``); mfusepy's ctypes fuse_bufvec declares a pointer there, so it cannot be used
+    to fill one."""
+
+    _fields_ = [
+        ("count", ctypes.c_size_t),
+        ("idx", ctypes.c_size_t),
+        ("off", ctypes.c_size_t),
+        ("buf", FuseBuf * 1),
+    ]
+
+
+_VOID_PP = ctypes.POINTER(ctypes.c_void_p)
 
 
 def _load_mfusepy() -> Any:
@@ -102,6 +144,8 @@ def fuse_errno(op: str, path: str, exc: Exception) -> int:
         code, why = exc.errno, exc.strerror
     elif isinstance(exc, OssfsError):
         code, why = exc.errno, str(exc)
+    elif isinstance(exc, MemoryError):
+        code, why = errno.ENOMEM, f"out of memory: {exc}"
     elif isinstance(exc, sqlite3.Error):
         code, why = errno.EIO, f"the cache index failed: {type(exc).__name__}: {exc}"
     else:
@@ -205,10 +249,36 @@ class FuseAdapter:
         fi.keep_cache = 1 if keep else 0
         return 0
 
-    # mfusepy registers libfuse's read callback because this method exists;
-    # ZeroCopyFUSE below serves that callback through read_into instead.
+    # Not libfuse's hot path: with read_buf set, libfuse never calls read
+    # (fuse_fs_read_buf prefers read_buf). The plain-bytes form, for callers that want one.
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
         return self._call("read", path, lambda: self._core().read(fi.fh, size, offset))
+
+    def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fi: Any) -> int:
+        """libfuse's read: the core writes into a malloc'ed buffer that libfuse replies
+        from (one writev) and then frees, with the bufvec around it (fuse_lib_read).
+
+        `bufpp` is a ``struct fuse_bufvec **``; it is set only on success, so after a
+        failure libfuse frees nothing and the buffers are freed here.
+        """
+        vec = _malloc(ctypes.sizeof(FuseBufvec))
+        mem = _malloc(size or 1)  # malloc(0) may answer NULL
+        try:
+            if not vec or not mem:
+                exc = MemoryError(f"cannot allocate a {size}-byte read buffer")
+                raise self.error_type(fuse_errno("read", path, exc))
+            view = memoryview((ctypes.c_char * size).from_address(mem)).cast("B")
+            n = self.read_into(fi, offset, view)
+            bufvec = FuseBufvec.from_address(vec)
+            bufvec.count, bufvec.idx, bufvec.off = 1, 0, 0
+            buf = bufvec.buf[0]
+            buf.size, buf.flags, buf.mem, buf.fd, buf.pos = n, 0, mem, -1, 0
+        except BaseException:
+            _free(mem)
+            _free(vec)
+            raise
+        ctypes.cast(bufpp, _VOID_PP)[0] = vec
+        return 0
 
     def read_into(self, fi: Any, offset: int, view: memoryview) -> int:
         # The hot path: no closure, and the path looked up only for a failure's log line.
@@ -263,14 +333,6 @@ def run_mount(
         "default_permissions": True,
     }
 
-    class ZeroCopyFUSE(fuse.FUSE):  # type: ignore[misc, name-defined]
-        """mfusepy's read returns bytes that it then copies into libfuse's buffer; here
-        the core writes into that buffer directly (cached parts: one pread, GIL released)."""
-
-        def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-            target = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
-            return self.operations.read_into(fip.contents, offset, memoryview(target).cast("B"))
-
     adapter = FuseAdapter(
         make_core,
         mountpoint=mountpoint,
@@ -280,7 +342,8 @@ def run_mount(
         error_type=fuse.FuseOSError,
     )
     try:
-        ZeroCopyFUSE(adapter, mountpoint, raw_fi=True, **options)
+        # mfusepy's documented interface: a plain FUSE, the callbacks on the adapter.
+        fuse.FUSE(adapter, mountpoint, raw_fi=True, **options)
     except RuntimeError:
         # libfuse reports a loop ended by SIGINT/SIGTERM as an error, but the
         # file system was destroyed and unmounted cleanly: that is a normal exit.

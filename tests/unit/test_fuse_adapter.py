@@ -9,6 +9,8 @@ unless debugging.
 
 from __future__ import annotations
 
+import ast
+import ctypes
 import errno
 import json
 import logging
@@ -23,10 +25,11 @@ from typing import Any
 import mfusepy
 import pytest
 
+from ossfs_resume import fuse_ops
 from ossfs_resume.cache import PartCache
 from ossfs_resume.core import BucketFS, MountOptions
 from ossfs_resume.errors import AccessDeniedError, StoreUnavailableError
-from ossfs_resume.fuse_ops import FuseAdapter
+from ossfs_resume.fuse_ops import FuseAdapter, FuseBuf, FuseBufvec
 from ossfs_resume.prefetch import SOURCE_XATTR
 
 from .test_core import BUCKET, OBJECTS, PART, FakeStoreClient
@@ -306,3 +309,241 @@ def test_a_failing_cache_at_unmount_still_closes_the_client(
     adapter.destroy("/")
     assert client.closed
     assert any("closing the mount" in r.getMessage() for r in caplog.records)
+
+
+# -- read_buf: the buffers libfuse replies from and frees ------------------------
+
+
+LIBC_MALLOC = fuse_ops._malloc
+LIBC_FREE = fuse_ops._free
+
+
+class CountingAlloc:
+    """libc malloc/free behind fuse_ops, recording each address; `fail_size` makes a
+    malloc of that many bytes answer NULL."""
+
+    def __init__(self, fail_size: int | None = None) -> None:
+        self.malloced: list[int] = []
+        self.freed: list[int | None] = []
+        self.fail_size = fail_size
+
+    def malloc(self, size: int) -> int | None:
+        if size == self.fail_size:
+            return None
+        addr = LIBC_MALLOC(size)
+        self.malloced.append(addr)
+        return addr
+
+    def free(self, addr: int | None) -> None:
+        self.freed.append(addr)
+        LIBC_FREE(addr)
+
+
+@pytest.fixture
+def alloc(monkeypatch: pytest.MonkeyPatch) -> CountingAlloc:
+    counting = CountingAlloc()
+    monkeypatch.setattr(fuse_ops, "_malloc", counting.malloc)
+    monkeypatch.setattr(fuse_ops, "_free", counting.free)
+    return counting
+
+
+def _bufpp() -> Any:
+    # What libfuse passes (fuse_lib_read's `struct fuse_bufvec *buf = NULL`), typed as
+    # mfusepy types it.
+    return ctypes.pointer(mfusepy.fuse_bufvec_p())
+
+
+def _bufvec_at(bufpp: Any) -> int:
+    return ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] or 0
+
+
+def test_bufvec_layout_is_libfuses() -> None:
+    # struct fuse_buf as mfusepy declares it (that one is right), inline in the bufvec.
+    for name, *_ in mfusepy.fuse_buf._fields_:
+        assert getattr(FuseBuf, name).offset == getattr(mfusepy.fuse_buf, name).offset, name
+    assert ctypes.sizeof(FuseBuf) == ctypes.sizeof(mfusepy.fuse_buf)
+    assert FuseBufvec.buf.offset == 3 * ctypes.sizeof(ctypes.c_size_t)
+    assert ctypes.sizeof(FuseBufvec) == FuseBufvec.buf.offset + ctypes.sizeof(FuseBuf)
+
+
+@pytest.mark.parametrize(
+    ("offset", "size"),
+    [(0, 10), (PART - 50, 100), (0, len(DATA)), (len(DATA) - 7, 4096), (len(DATA) + 5, 10)],
+    ids=["head", "across-parts", "whole", "tail", "past-end"],
+)
+def test_read_buf_fills_a_malloced_bufvec_that_libc_frees(
+    make_adapter: Callable[..., FuseAdapter],
+    alloc: CountingAlloc,
+    monkeypatch: pytest.MonkeyPatch,
+    offset: int,
+    size: int,
+) -> None:
+    adapter = make_adapter()
+    fi = _open(adapter)
+    core = adapter.core
+    assert core is not None
+
+    def no_bytes_copy(*args: Any) -> bytes:
+        raise AssertionError("read_buf must fill the buffer, not copy a bytes object into it")
+
+    monkeypatch.setattr(core, "read", no_bytes_copy)
+    for _ in range(2):  # the second time from the cache
+        bufpp = _bufpp()
+        assert adapter.read_buf(FILE, bufpp, size, offset, fi) == 0
+        vec_addr = _bufvec_at(bufpp)
+        vec = FuseBufvec.from_address(vec_addr)
+        want = DATA[offset : offset + size]
+        assert (vec.count, vec.idx, vec.off) == (1, 0, 0)
+        buf = vec.buf[0]
+        assert (buf.size, buf.flags, buf.fd, buf.pos) == (len(want), 0, -1, 0)
+        assert ctypes.string_at(buf.mem, buf.size) == want
+        # Both from malloc, nothing freed yet: libfuse frees them after replying.
+        assert alloc.malloced[-2:] == [vec_addr, buf.mem] and alloc.freed == []
+        # fuse_free_buf: free(buf[0].mem), then free(bufvec); libc aborts on a bad pointer.
+        LIBC_FREE(buf.mem)
+        LIBC_FREE(vec_addr)
+    assert adapter.release(FILE, fi) == 0
+
+
+@pytest.mark.parametrize(("error", "code"), STORE_ERRORS)
+def test_a_failed_read_buf_frees_its_buffers_and_answers_eio(
+    make_adapter: Callable[..., FuseAdapter],
+    client: FakeStoreClient,
+    alloc: CountingAlloc,
+    caplog: pytest.LogCaptureFixture,
+    error: Callable[[], Exception],
+    code: int,
+) -> None:
+    caplog.set_level(logging.INFO)
+    adapter = make_adapter()
+    fi = _open(adapter)
+    client.get_error = error()
+    bufpp = _bufpp()
+    # EIO whatever the store said, as for any read that fails (one line naming the file).
+    _fails(caplog, errno.EIO, "read", FILE, lambda: adapter.read_buf(FILE, bufpp, 100, 0, fi))
+    assert _bufvec_at(bufpp) == 0  # libfuse's fuse_free_buf(NULL) frees nothing
+    assert len(alloc.malloced) == 2 and sorted(alloc.freed) == sorted(alloc.malloced)
+    assert adapter.release(FILE, fi) == 0
+
+
+def test_read_buf_on_a_closed_handle_frees_its_buffers(
+    make_adapter: Callable[..., FuseAdapter], alloc: CountingAlloc
+) -> None:
+    adapter = make_adapter()
+    bufpp = _bufpp()
+    with pytest.raises(mfusepy.FuseOSError) as info:
+        adapter.read_buf(FILE, bufpp, 100, 0, _fi(12345))
+    assert info.value.errno == errno.EBADF
+    assert _bufvec_at(bufpp) == 0
+    assert len(alloc.malloced) == 2 and sorted(alloc.freed) == sorted(alloc.malloced)
+
+
+def test_read_buf_out_of_memory_is_enomem(
+    make_adapter: Callable[..., FuseAdapter],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    adapter = make_adapter()
+    fi = _open(adapter)
+    alloc = CountingAlloc(fail_size=1 << 20)
+    monkeypatch.setattr(fuse_ops, "_malloc", alloc.malloc)
+    monkeypatch.setattr(fuse_ops, "_free", alloc.free)
+    bufpp = _bufpp()
+    _fails(
+        caplog, errno.ENOMEM, "read", FILE, lambda: adapter.read_buf(FILE, bufpp, 1 << 20, 0, fi)
+    )
+    assert _bufvec_at(bufpp) == 0
+    # The bufvec was allocated, the data buffer was not: the bufvec is freed (free(NULL) is fine).
+    assert len(alloc.malloced) == 1 and alloc.malloced[0] in alloc.freed
+    assert adapter.release(FILE, fi) == 0
+
+
+# -- mfusepy through its public interface only -----------------------------------
+
+
+def _mfusepy_names(tree: ast.AST) -> set[str]:
+    """Names bound to the mfusepy module: imports, and ``x = _load_mfusepy()``."""
+    names = {"mfusepy"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname or a.name for a in node.names if a.name == "mfusepy"}
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            func = node.value.func
+            if isinstance(func, ast.Name) and func.id == "_load_mfusepy":
+                names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def _mfusepy_misuse(text: str, name: str) -> list[str]:
+    """Where source `text` subclasses mfusepy's classes, overrides FUSE's read callback or
+    assigns to (monkeypatches) anything of mfusepy's."""
+    tree = ast.parse(text, name)
+    mod = _mfusepy_names(tree)
+    mod |= {
+        a.asname or a.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "mfusepy"
+        for a in node.names
+    }
+
+    def of_mfusepy(expr: ast.expr) -> bool:
+        while isinstance(expr, (ast.Attribute, ast.Subscript)):
+            expr = expr.value
+        return isinstance(expr, ast.Name) and expr.id in mod
+
+    problems = []
+    for node in ast.walk(tree):
+        where = f"{name}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.ClassDef):
+            bases = [
+                ast.unparse(b) for b in node.bases if of_mfusepy(b) or "FUSE" in ast.unparse(b)
+            ]
+            problems += [f"{where}: class {node.name}({b})" for b in bases]
+        elif isinstance(node, ast.FunctionDef) and node.name == "read":
+            path = node.args.args[1:2]
+            if path and path[0].annotation and "bytes" in ast.unparse(path[0].annotation):
+                problems.append(f"{where}: an override of FUSE.read (path: bytes)")
+        elif isinstance(node, (ast.Assign, ast.Delete)):
+            for target in node.targets:
+                if isinstance(target, (ast.Attribute, ast.Subscript)) and of_mfusepy(target):
+                    problems.append(f"{where}: assigns {ast.unparse(target)}")
+        elif isinstance(node, ast.AugAssign) and of_mfusepy(node.target):
+            problems.append(f"{where}: assigns {ast.unparse(node.target)}")
+        elif (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func) in ("setattr", "delattr")
+            and node.args
+            and of_mfusepy(node.args[0])
+        ):
+            problems.append(f"{where}: {ast.unparse(node)}")
+    return problems
+
+
+def test_no_subclass_or_patch_of_mfusepy_in_the_package() -> None:
+    """mfusepy's FUSE says it is not to be subclassed; its callbacks and module stay as
+    shipped, so an mfusepy upgrade cannot silently break a private override."""
+    package = Path(fuse_ops.__file__).parent
+    problems = [
+        problem
+        for source in sorted(package.glob("*.py"))
+        for problem in _mfusepy_misuse(source.read_text(), source.name)
+    ]
+    assert problems == []
+    # The operations object is a plain class: nothing of mfusepy's in its ancestry.
+    assert all(cls.__module__ != "mfusepy" for cls in FuseAdapter.__mro__)
+
+
+def test_the_misuse_check_sees_a_subclass_an_override_and_a_patch() -> None:
+    old = """
+def run_mount():
+    fuse = _load_mfusepy()
+
+    class ZeroCopyFUSE(fuse.FUSE):
+        def read(self, path: bytes | None, buf, size, offset, fip) -> int:
+            return 0
+
+    fuse.FUSE.read_buf = None
+    setattr(fuse, "fuse_bufvec", None)
+"""
+    problems = _mfusepy_misuse(old, "old.py")
+    assert len(problems) == 4, problems
