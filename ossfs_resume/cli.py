@@ -33,7 +33,6 @@ from .client import (
 from .download import CHECKPOINT_SUFFIX, DEFAULT_THREADS, MAX_THREADS
 from .errors import OssfsError, UsageError
 from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
-from .progress import add_progress_option
 
 if TYPE_CHECKING:
     from .cache import PartCache
@@ -128,6 +127,16 @@ def _store_args(parser: argparse.ArgumentParser, *, endpoint_required: bool = Tr
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("--log-file", help="write logs here (background mounts log nowhere else)")
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """The `--progress auto|always|never` option shared by download and prefetch."""
+    parser.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress bar (auto: only when stderr is a terminal)",
+    )
 
 
 def _cache_limit_args(parser: argparse.ArgumentParser) -> None:
@@ -240,19 +249,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class StoreOptions:
+    """How to reach a store, as the user gave it (options, or what a mount says of a file)."""
+
+    endpoint: str
+    region: str | None = None
+    signature_version: str = "v4"
+    addressing: str = "auto"
+    anonymous: bool = False
+    ca_bundle: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> StoreOptions:
+        return cls(
+            endpoint=args.endpoint,
+            region=args.region,
+            signature_version=args.signature_version,
+            addressing=args.addressing,
+            anonymous=args.anonymous,
+            ca_bundle=getattr(args, "ca_bundle", None),
+        )
+
+
 def make_client(
-    url: BucketUrl, args: argparse.Namespace, *, pool_size: int = 16, **kw
+    url: BucketUrl, options: StoreOptions, *, pool_size: int = 16, **kw: Any
 ) -> StoreClient:
-    creds = None if args.anonymous else credentials_from_env(url.protocol)  # type: ignore[arg-type]
+    """A client for `url`'s bucket, from typed options."""
+    creds = None if options.anonymous else credentials_from_env(url.protocol)  # type: ignore[arg-type]
     config = StoreConfig(
-        ca_bundle=resolve_ca_bundle(getattr(args, "ca_bundle", None)),
+        ca_bundle=resolve_ca_bundle(options.ca_bundle),
         protocol=url.protocol,  # type: ignore[arg-type]
-        endpoint=args.endpoint.rstrip("/"),
+        endpoint=options.endpoint.rstrip("/"),
         bucket=url.bucket,
         credentials=creds,
-        region=args.region,
-        signature_version=args.signature_version,
-        addressing=args.addressing,
+        region=options.region,
+        signature_version=options.signature_version,  # type: ignore[arg-type]
+        addressing=options.addressing,  # type: ignore[arg-type]
         pool_size=pool_size,
         **kw,
     )
@@ -328,7 +361,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     prefix = url.key if not url.key or url.key.endswith("/") else url.key + "/"
 
     # Fail before mounting: a wrong endpoint, bucket or key pair is one clear line.
-    probe = make_client(url, args, pool_size=1, max_attempts=2, connect_timeout=3.0)
+    probe = make_client(
+        url, StoreOptions.from_args(args), pool_size=1, max_attempts=2, connect_timeout=3.0
+    )
     try:
         probe.check_access(prefix)
     finally:
@@ -363,7 +398,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     def make_core() -> BucketFS:
         # Short read timeout and few attempts: a dead store must give EIO in seconds.
         client = make_client(
-            url, args, pool_size=args.max_parallel + 8, read_timeout=5.0, max_attempts=3
+            url,
+            StoreOptions.from_args(args),
+            pool_size=args.max_parallel + 8,
+            read_timeout=5.0,
+            max_attempts=3,
         )
         cache = open_cache(cache_dir, max_bytes=cache_size, min_free_bytes=cache_min_free)
         return BucketFS(client, cache, options)
@@ -413,11 +452,11 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
                     raise UsageError(f"{target}: --endpoint is needed for a URL target")
                 part_size = check_part_size(args.part_size)
                 cache_dir = str(Path(args.cache_dir or default_cache_dir()).absolute())
-                store_args = args
+                store_options = StoreOptions.from_args(args)
             else:
                 src = MountedSource.from_path(target)
                 url = BucketUrl(src.protocol, src.bucket, src.key)
-                store_args = argparse.Namespace(
+                store_options = StoreOptions(
                     endpoint=src.endpoint,
                     region=src.region,
                     signature_version=src.signature_version,
@@ -427,7 +466,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
                 )
                 cache_dir, part_size = src.cache_dir, src.part_size
             check_cache_dir(Path(cache_dir))
-            client = make_client(url, store_args, pool_size=args.threads)
+            client = make_client(url, store_options, pool_size=args.threads)
             jobs.append((client, url.key, cache_dir, part_size))
         for client, key, cache_dir, part_size in jobs:
             status = _prefetch_one(
@@ -690,7 +729,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         raise UsageError("--checkpoint and --no-checkpoint cannot be used together")
     if args.no_cache and args.cache_dir:
         raise UsageError("--cache-dir and --no-cache cannot be used together")
-    client = make_client(url, args, pool_size=threads)
+    client = make_client(url, StoreOptions.from_args(args), pool_size=threads)
     cache = None if args.no_cache else _download_cache(args.cache_dir)
     reporter = ProgressReporter(url.key, mode=args.progress)
     try:

@@ -8,7 +8,6 @@ batch job's log still says what was transferred and how fast.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import threading
@@ -20,16 +19,6 @@ from typing import Literal, TextIO
 log = logging.getLogger(__name__)
 
 ProgressMode = Literal["auto", "always", "never"]
-
-
-def add_progress_option(parser: argparse.ArgumentParser) -> None:
-    """The `--progress auto|always|never` option shared by download and prefetch."""
-    parser.add_argument(
-        "--progress",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="progress bar (auto: only when stderr is a terminal)",
-    )
 
 
 def _format_bytes(n: float) -> str:
