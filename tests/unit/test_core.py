@@ -36,7 +36,7 @@ def _payload(size: int, seed: int = 0) -> bytes:
 Store = FaultyStore[MemoryStore]
 
 
-def _store(objects: dict[str, bytes]) -> Store:
+def make_store(objects: dict[str, bytes]) -> Store:
     """The objects in a MemoryStore, behind a FaultyStore to fail its requests."""
     memory = MemoryStore(BUCKET, endpoint="http://fake")
     for key, data in objects.items():
@@ -55,7 +55,7 @@ OBJECTS = {
 
 @pytest.fixture
 def client() -> Store:
-    return _store(OBJECTS)
+    return make_store(OBJECTS)
 
 
 @pytest.fixture
