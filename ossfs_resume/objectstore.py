@@ -15,6 +15,7 @@ mount (as mountpoint-s3 ships its mock and failure-injecting clients).
 from __future__ import annotations
 
 import bisect
+import builtins
 import copy
 import hashlib
 import threading
@@ -339,13 +340,13 @@ class MemoryStore(_CallLog, ObjectStore):
         objects: list[ObjectMeta] = []
         prefixes: list[str] = []
         for name in page:
-            meta = entries[name]
-            if meta is None:
+            found = entries[name]
+            if found is None:
                 prefixes.append(name)
             else:
                 # Listings carry no CRC-64; ETags unless the store leaves them out.
-                etag = meta.etag if self.etags_in_listings else ""
-                objects.append(ObjectMeta(name, meta.size, etag, meta.last_modified))
+                etag = found.etag if self.etags_in_listings else ""
+                objects.append(ObjectMeta(name, found.size, etag, found.last_modified))
         more = bool(page) and len(names) > len(page)
         return ListPage(objects, prefixes, page[-1] if more else None)
 
@@ -620,7 +621,7 @@ class FaultyStore(_CallLog, ObjectStore, Generic[S]):
             self._rules.append(rule)
         return rule
 
-    def _match(self, call: Call) -> list[Rule]:
+    def _match(self, call: Call) -> builtins.list[Rule]:  # `list` here is the method
         with self._lock:
             matched = [rule for rule in self._rules if rule.matches(call)]
             for rule in matched:
