@@ -1,4 +1,4 @@
-"""resumable_download logic against a fake client: checkpoint, planning, stop, verify, cleanup."""
+"""resumable_download over a MemoryStore behind a FaultyStore: checkpoint, plans, stop, verify."""
 
 from __future__ import annotations
 

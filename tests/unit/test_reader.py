@@ -1,4 +1,4 @@
-"""PartFetcher and ObjectReader with a fake client and a real PartCache on disk."""
+"""PartFetcher and ObjectReader over a MemoryStore (behind a FaultyStore) and a real PartCache."""
 
 from __future__ import annotations
 
@@ -216,6 +216,7 @@ def test_prefetch_respects_byte_budget(make_fetcher: Callable[..., PartFetcher])
     finally:
         gate.release()
     _wait_idle(fetcher)
+    # Idle, so the counts are final: never more than 3 GETs in flight, none for other parts.
     assert client.max_active("get_range") == 3
     assert _parts_fetched(client) == [0, 1, 2]
     # Budget is free again; cached parts are skipped.
