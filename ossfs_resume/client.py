@@ -27,7 +27,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote_plus, urlsplit
 
 import requests
@@ -45,6 +45,7 @@ from .errors import (
     TLSError,
     UsageError,
 )
+from .objectstore import ListPage, ObjectMeta  # defined beside ObjectStore; re-exported here
 from .signing import (
     Credentials,
     canonical_query,
@@ -63,24 +64,6 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _OSS_REGION = re.compile(r"^oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com$")
 _IP_HOST = re.compile(r"^(\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:]+\]|localhost)$")
-
-
-@dataclass(frozen=True)
-class ObjectMeta:
-    """What a HEAD or a listing says about one object version."""
-
-    key: str
-    size: int
-    etag: str  # as the store sent it, without the surrounding quotes
-    last_modified: float  # seconds since the epoch
-    crc64: int | None = None  # x-oss-hash-crc64ecma, when the store sends it
-
-
-@dataclass(frozen=True)
-class ListPage:
-    objects: list[ObjectMeta]
-    prefixes: list[str]
-    next_token: str | None
 
 
 @dataclass(frozen=True)
@@ -797,3 +780,10 @@ def _connection_reason(exc: Exception) -> str:
     if isinstance(exc, requests.Timeout):
         return "timed out"
     return type(exc).__name__
+
+
+if TYPE_CHECKING:
+    from .objectstore import ObjectStore
+
+    # StoreClient is an ObjectStore: a type checker verifies it here.
+    _: type[ObjectStore] = StoreClient

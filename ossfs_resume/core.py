@@ -27,10 +27,10 @@ from pathlib import Path
 import cachetools
 
 from .cache import PartStore, UncachedParts, object_id
-from .client import ObjectMeta, StoreClient
 from .engine import ObjectRef, PartFetcher
 from .errors import OssfsError, PreconditionFailedError
 from .namespace import Entry, Namespace
+from .objectstore import ObjectMeta, ObjectStore
 from .parts import DEFAULT_PART_SIZE
 from .prefetch import SOURCE_XATTR, MountedSource
 from .reader import ObjectReader
@@ -74,7 +74,7 @@ class MountOptions:
 
 
 class BucketFS:
-    def __init__(self, client: StoreClient, cache: PartStore, options: MountOptions) -> None:
+    def __init__(self, client: ObjectStore, cache: PartStore, options: MountOptions) -> None:
         self.client = client
         self.cache = cache
         self.options = options

@@ -48,7 +48,6 @@ from typing import Any
 
 from .cache import PartStore, UncachedParts, object_id
 from .checksum import crc64, crc64_file_range, crc64_of_parts
-from .client import ObjectMeta, StoreClient
 from .durable import fsync_dir
 from .engine import ObjectRef, PartFetcher
 from .errors import (
@@ -58,6 +57,7 @@ from .errors import (
     PreconditionFailedError,
     UsageError,
 )
+from .objectstore import ObjectMeta, ObjectStore
 from .parts import (
     DEFAULT_PART_SIZE,
     MAX_PART_SIZE,
@@ -113,7 +113,7 @@ class ObjectIdentity:
     last_modified: float
 
     @classmethod
-    def of(cls, client: StoreClient, meta: ObjectMeta) -> ObjectIdentity:
+    def of(cls, client: ObjectStore, meta: ObjectMeta) -> ObjectIdentity:
         return cls(
             store_id=client.config.store_id,
             bucket=client.config.bucket,
@@ -417,7 +417,7 @@ def _numbers(numbers: Iterable[int], limit: int = 10) -> str:
 # --------------------------------------------------------------------------- the download
 
 
-def _checkpoint_in_store(store: object, client: StoreClient, key: str, destination: str) -> str:
+def _checkpoint_in_store(store: object, client: ObjectStore, key: str, destination: str) -> str:
     """The checkpoint path for oss2's ``store`` argument: a directory, or an object with a
     ``dir`` (oss2's ResumableDownloadStore); one file per (store, bucket, key, target)."""
     directory = getattr(store, "dir", store)
@@ -430,7 +430,7 @@ def _checkpoint_in_store(store: object, client: StoreClient, key: str, destinati
 
 
 def resumable_download(
-    client: StoreClient,
+    client: ObjectStore,
     key: str,
     filename: str | os.PathLike[str],
     multiget_threshold: int | None = None,
@@ -588,7 +588,7 @@ class _Download:
 
     def __init__(
         self,
-        client: StoreClient,
+        client: ObjectStore,
         meta: ObjectMeta,
         destination: str,
         checkpoint_path: str | None,

@@ -33,9 +33,9 @@ from typing import Any, Protocol
 import cachetools
 
 from .cache import PartId, PartStore
-from .client import ObjectMeta, StoreClient
 from .durable import aligned_buffer
 from .errors import PreconditionFailedError, StoreUnavailableError
+from .objectstore import ObjectMeta, ObjectStore
 from .parts import part_bounds, part_count
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class PartFetcher:
 
     def __init__(
         self,
-        client: StoreClient,
+        client: ObjectStore,
         cache: PartStore,
         *,
         max_parallel: int = 8,

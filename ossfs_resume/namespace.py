@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import cachetools
 
-from .client import StoreClient
 from .errors import StoreUnavailableError
+from .objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Namespace:
 
     def __init__(
         self,
-        client: StoreClient,
+        client: ObjectStore,
         prefix: str = "",
         *,
         list_ttl: float = 10.0,

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .cache import PartStore
-from .client import ObjectMeta, StoreClient
 from .engine import ObjectRef, PartFetcher
 from .errors import CacheWriteError, UsageError
+from .objectstore import ObjectMeta, ObjectStore
 from .parts import check_threads, part_bounds
 from .progress import ProgressTracker
 
@@ -64,7 +64,7 @@ class CacheSink:
 
 
 def prefetch_object(
-    client: StoreClient,
+    client: ObjectStore,
     cache: PartStore,
     meta: ObjectMeta,
     part_size: int,

@@ -6,22 +6,19 @@ import errno
 import logging
 import os
 import stat
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from ossfs_resume.cache import PartCache, object_id
-from ossfs_resume.client import ListPage, ObjectMeta
 from ossfs_resume.core import BucketFS, FsError, MountOptions
 from ossfs_resume.errors import (
     AccessDeniedError,
     NoSuchBucketError,
-    PreconditionFailedError,
     StoreUnavailableError,
 )
+from ossfs_resume.objectstore import FaultyStore, MemoryStore
 
 PART = 1000
 MTIME = 1_700_000_123.5
@@ -36,75 +33,15 @@ def _payload(size: int, seed: int = 0) -> bytes:
     return bytes((i * 11 + seed + (i >> 9)) % 256 for i in range(size))
 
 
-@dataclass(frozen=True)
-class FakeConfig:
-    bucket: str = BUCKET
-    store_id: str = "s3+http://fake"
+Store = FaultyStore[MemoryStore]
 
 
-class FakeStoreClient:
-    """Objects in memory: listing, HEAD and pinned ranged GETs, as StoreClient offers them."""
-
-    def __init__(self, objects: dict[str, bytes]) -> None:
-        self.config = FakeConfig()
-        self.objects = dict(objects)
-        self.etags = {k: f"etag-{i}" for i, k in enumerate(objects)}
-        self.list_calls: list[str] = []
-        self.get_calls: list[tuple[str, int, int, str | None]] = []
-        self.head_calls: list[str] = []
-        self.list_error: Exception | None = None
-        self.get_error: Exception | None = None
-        self.hide_etags = False
-        self.closed = False
-        self._lock = threading.Lock()
-
-    def replace(self, key: str, data: bytes) -> None:
-        self.objects[key] = data
-        self.etags[key] = self.etags[key] + "-new"
-
-    def list(self, prefix: str, delimiter: str = "/") -> Iterator[ListPage]:
-        self.list_calls.append(prefix)
-        if self.list_error is not None:
-            raise self.list_error
-        objects: list[ObjectMeta] = []
-        prefixes: set[str] = set()
-        for key in sorted(self.objects):
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix) :]
-            if delimiter in rest:
-                prefixes.add(prefix + rest[: rest.index(delimiter) + 1])
-            else:
-                etag = "" if self.hide_etags else self.etags[key]
-                objects.append(ObjectMeta(key, len(self.objects[key]), etag, MTIME))
-        yield ListPage(objects, sorted(prefixes), None)
-
-    def head(self, key: str) -> ObjectMeta:
-        self.head_calls.append(key)
-        return ObjectMeta(key, len(self.objects[key]), self.etags[key], MTIME)
-
-    def get_range(
-        self,
-        key: str,
-        start: int,
-        end: int,
-        *,
-        if_match: str | None = None,
-        into: bytearray | memoryview | None = None,
-    ) -> bytearray | memoryview:
-        with self._lock:
-            self.get_calls.append((key, start, end, if_match))
-        if self.get_error is not None:
-            raise self.get_error
-        if if_match is not None and if_match != self.etags[key]:
-            raise PreconditionFailedError(f"GET {key}: the object changed", status=412, key=key)
-        chunk = self.objects[key][start : end + 1]
-        buf = bytearray(len(chunk)) if into is None else into
-        buf[: len(chunk)] = chunk
-        return buf
-
-    def close(self) -> None:
-        self.closed = True
+def make_store(objects: dict[str, bytes]) -> Store:
+    """The objects in a MemoryStore, behind a FaultyStore to fail its requests."""
+    memory = MemoryStore(BUCKET, endpoint="http://fake")
+    for key, data in objects.items():
+        memory.put(key, data, mtime=MTIME)
+    return FaultyStore(memory)
 
 
 OBJECTS = {
@@ -117,12 +54,12 @@ OBJECTS = {
 
 
 @pytest.fixture
-def client() -> FakeStoreClient:
-    return FakeStoreClient(OBJECTS)
+def client() -> Store:
+    return make_store(OBJECTS)
 
 
 @pytest.fixture
-def make_fs(client: FakeStoreClient, tmp_path: Path) -> Iterator[Callable[..., BucketFS]]:
+def make_fs(client: Store, tmp_path: Path) -> Iterator[Callable[..., BucketFS]]:
     made: list[BucketFS] = []
 
     def make(**options: object) -> BucketFS:
@@ -224,9 +161,9 @@ def test_readdir_errors(fs: BucketFS) -> None:
     ],
 )
 def test_listing_errors_map_to_errno(
-    fs: BucketFS, client: FakeStoreClient, error: Exception, code: int
+    fs: BucketFS, client: Store, error: Exception, code: int
 ) -> None:
-    client.list_error = error
+    client.fail("list_page", error)
     with pytest.raises(FsError) as info:
         fs.getattr("/readme.txt")
     assert _errno(info) == code
@@ -235,13 +172,13 @@ def test_listing_errors_map_to_errno(
     assert _errno(info) == code
 
 
-def test_prefix_mount(make_fs: Callable[..., BucketFS], client: FakeStoreClient) -> None:
+def test_prefix_mount(make_fs: Callable[..., BucketFS], client: Store) -> None:
     fs = make_fs(prefix="data")
     assert sorted(fs.readdir("/")) == sorted([".", "..", "big.bin", "nested", "empty"])
     assert fs.getattr("/nested/deep.bin")["st_size"] == 2 * PART
     fh = fs.open("/nested/deep.bin", os.O_RDONLY)
     assert fs.read(fh, 4 * PART, 0) == OBJECTS["data/nested/deep.bin"]
-    assert {call[0] for call in client.get_calls} == {"data/nested/deep.bin"}
+    assert {call.key for call in client.calls_to("get_range")} == {"data/nested/deep.bin"}
 
 
 def test_statfs(fs: BucketFS) -> None:
@@ -263,12 +200,12 @@ def test_statfs(fs: BucketFS) -> None:
         os.O_WRONLY | os.O_CREAT,
     ],
 )
-def test_open_for_writing_is_erofs(fs: BucketFS, client: FakeStoreClient, flags: int) -> None:
+def test_open_for_writing_is_erofs(fs: BucketFS, client: Store, flags: int) -> None:
     with pytest.raises(FsError) as info:
         fs.open("/readme.txt", flags)
     assert _errno(info) == errno.EROFS
     assert isinstance(info.value, OSError)
-    assert client.get_calls == []
+    assert client.count("get_range") == 0
 
 
 def test_open_errors(fs: BucketFS) -> None:
@@ -280,7 +217,7 @@ def test_open_errors(fs: BucketFS) -> None:
     assert _errno(info) == errno.EISDIR
 
 
-def test_read_whole_file_and_across_boundaries(fs: BucketFS, client: FakeStoreClient) -> None:
+def test_read_whole_file_and_across_boundaries(fs: BucketFS, client: Store) -> None:
     data = OBJECTS["data/big.bin"]
     fh = fs.open("/data/big.bin", os.O_RDONLY)
     assert fs.read(fh, PART + 20, PART - 10) == data[PART - 10 : 2 * PART + 10]
@@ -291,8 +228,10 @@ def test_read_whole_file_and_across_boundaries(fs: BucketFS, client: FakeStoreCl
     fs.release(fh)
     # Every request pinned to the listed ETag. The first read, at an offset, is not
     # (yet) a stream: it fetched just its bytes, per part. Then each part once.
-    assert {call[3] for call in client.get_calls} == {client.etags["data/big.bin"]}
-    ranges = [call[1:3] for call in client.get_calls]
+    assert {call.if_match for call in client.calls_to("get_range")} == {
+        client.inner.meta("data/big.bin").etag
+    }
+    ranges = client.ranges()
     assert ranges[:3] == [(PART - 10, PART - 1), (PART, 2 * PART - 1), (2 * PART, 2 * PART + 9)]
     assert sorted(r[0] for r in ranges[3:]) == [n * PART for n in range(6)]
 
@@ -307,51 +246,53 @@ def test_read_in_small_sequential_chunks(fs: BucketFS) -> None:
     fs.release(fh)
 
 
-def test_read_empty_file(fs: BucketFS, client: FakeStoreClient) -> None:
+def test_read_empty_file(fs: BucketFS, client: Store) -> None:
     fh = fs.open("/data/empty", os.O_RDONLY)
     assert fs.read(fh, 4096, 0) == b""
-    assert client.get_calls == []
+    assert client.count("get_range") == 0
 
 
-def test_second_open_reads_from_cache(fs: BucketFS, client: FakeStoreClient) -> None:
+def test_second_open_reads_from_cache(fs: BucketFS, client: Store) -> None:
     data = OBJECTS["data/nested/deep.bin"]
     fh = fs.open("/data/nested/deep.bin", os.O_RDONLY)
     assert fs.read(fh, 2 * PART, 0) == data
     fs.release(fh)
-    calls = len(client.get_calls)
+    calls = client.count("get_range")
     fh2 = fs.open("/data/nested/deep.bin", os.O_RDONLY)
     assert fh2 != fh
     assert fs.read(fh2, 2 * PART, 0) == data
-    assert len(client.get_calls) == calls
+    assert client.count("get_range") == calls
 
 
 def test_open_without_listed_etag_uses_head(
-    make_fs: Callable[..., BucketFS], client: FakeStoreClient
+    make_fs: Callable[..., BucketFS], client: Store
 ) -> None:
-    client.hide_etags = True
+    client.inner.etags_in_listings = False
     fs = make_fs()
     fh = fs.open("/readme.txt", os.O_RDONLY)
-    assert client.head_calls == ["readme.txt"]
+    assert [call.key for call in client.calls_to("head")] == ["readme.txt"]
     assert fs.read(fh, 100, 0) == OBJECTS["readme.txt"]
-    assert client.get_calls[0][3] == client.etags["readme.txt"]
+    assert client.calls_to("get_range")[0].if_match == client.inner.meta("readme.txt").etag
 
 
-def test_open_notes_the_version_in_the_cache(fs: BucketFS, client: FakeStoreClient) -> None:
+def test_open_notes_the_version_in_the_cache(fs: BucketFS, client: Store) -> None:
     fh = fs.open("/data/big.bin", os.O_RDONLY)
     fs.read(fh, PART, 0)
     assert fs.fetcher.wait_idle(5)
-    oid = object_id("s3+http://fake", BUCKET, "data/big.bin", client.etags["data/big.bin"])
+    oid = object_id(
+        "s3+http://fake", BUCKET, "data/big.bin", client.inner.meta("data/big.bin").etag
+    )
     assert fs.cache.has(fs._open[fh].ref.part_id(0))
     assert fs._open[fh].ref.object_id == oid
 
 
-def test_read_after_object_changed_is_eio(fs: BucketFS, client: FakeStoreClient) -> None:
+def test_read_after_object_changed_is_eio(fs: BucketFS, client: Store) -> None:
     fh = fs.open("/data/big.bin", os.O_RDONLY)
     data = OBJECTS["data/big.bin"]
     assert fs.read(fh, 100, 0) == data[:100]
     fs.readdir("/data")  # listing now cached
-    lists_before = len(client.list_calls)
-    client.replace("data/big.bin", _payload(5 * PART + 17, seed=99))
+    lists_before = client.count("list_page")
+    client.inner.put("data/big.bin", _payload(5 * PART + 17, seed=99))
     with pytest.raises(FsError) as info:
         fs.read(fh, 100, 4 * PART + 5)  # a part not fetched yet
     assert _errno(info) == errno.EIO
@@ -360,16 +301,18 @@ def test_read_after_object_changed_is_eio(fs: BucketFS, client: FakeStoreClient)
         fs.read(fh, 100, 4 * PART + 5)
     # The parent listing was invalidated, so the change is seen.
     fs.readdir("/data")
-    assert len(client.list_calls) > lists_before
+    assert client.count("list_page") > lists_before
     fs.release(fh)
     # A fresh open pins the new version.
     fh2 = fs.open("/data/big.bin", os.O_RDONLY)
-    assert fs.read(fh2, 100, 4 * PART + 5) == client.objects["data/big.bin"][4 * PART + 5 :][:100]
+    assert (
+        fs.read(fh2, 100, 4 * PART + 5) == client.inner.data("data/big.bin")[4 * PART + 5 :][:100]
+    )
 
 
-def test_store_errors_during_read_are_eio(fs: BucketFS, client: FakeStoreClient) -> None:
+def test_store_errors_during_read_are_eio(fs: BucketFS, client: Store) -> None:
     fh = fs.open("/readme.txt", os.O_RDONLY)
-    client.get_error = StoreUnavailableError("store down", status=503)
+    client.fail("get_range", StoreUnavailableError("store down", status=503))
     with pytest.raises(FsError) as info:
         fs.read(fh, 10, 0)
     assert _errno(info) == errno.EIO
@@ -398,24 +341,22 @@ def test_handles_are_independent(fs: BucketFS) -> None:
     assert fs.read(b, 10, 10) == OBJECTS["data/nested/deep.bin"][10:20]
 
 
-def test_close_closes_client(make_fs: Callable[..., BucketFS], client: FakeStoreClient) -> None:
+def test_close_closes_client(make_fs: Callable[..., BucketFS], client: Store) -> None:
     fs = make_fs()
     fh = fs.open("/readme.txt", os.O_RDONLY)
     fs.read(fh, 5, 0)
     fs.close()
-    assert client.closed
+    assert client.inner.closed
 
 
-def test_page_cache_is_kept_only_while_the_etag_is_unchanged(
-    fs: BucketFS, client: FakeStoreClient
-) -> None:
+def test_page_cache_is_kept_only_while_the_etag_is_unchanged(fs: BucketFS, client: Store) -> None:
     first = fs.open("/data/big.bin", os.O_RDONLY)
     assert fs.keep_cache(first) is False  # first open: nothing cached to keep
     fs.release(first)
     second = fs.open("/data/big.bin", os.O_RDONLY)
     assert fs.keep_cache(second) is True  # same ETag: the kernel's pages are still right
     fs.release(second)
-    client.replace("data/big.bin", _payload(5 * PART + 17, seed=7))
+    client.inner.put("data/big.bin", _payload(5 * PART + 17, seed=7))
     fs.namespace.invalidate()
     third = fs.open("/data/big.bin", os.O_RDONLY)
     assert fs.keep_cache(third) is False  # new ETag: the kernel must drop the old pages
@@ -426,7 +367,7 @@ def test_page_cache_is_kept_only_while_the_etag_is_unchanged(
 
 
 def test_offline_cached_files_are_served_and_uncached_reads_fail(
-    make_fs: Callable[..., BucketFS], client: FakeStoreClient, caplog: pytest.LogCaptureFixture
+    make_fs: Callable[..., BucketFS], client: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="ossfs_resume")
     fs = make_fs(list_ttl=0)  # every lookup asks the store, as once the TTL has run out
@@ -436,16 +377,16 @@ def test_offline_cached_files_are_served_and_uncached_reads_fail(
     fs.release(fh)
     assert fs.fetcher.wait_idle(5)
     assert fs.getattr("/data/big.bin")["st_size"] == len(OBJECTS["data/big.bin"])  # listed only
-    gets = len(client.get_calls)
-    client.list_error = StoreUnavailableError("cannot reach http://fake: connection refused")
-    client.get_error = StoreUnavailableError("cannot reach http://fake: connection refused")
+    gets = client.count("get_range")
+    client.fail("list_page", StoreUnavailableError("cannot reach http://fake: connection refused"))
+    client.fail("get_range", StoreUnavailableError("cannot reach http://fake: connection refused"))
 
     for _ in range(2):
         assert fs.getattr("/data/nested/deep.bin")["st_size"] == len(cached)
         fh = fs.open("/data/nested/deep.bin", os.O_RDONLY)
         assert fs.read(fh, 10 * PART, 0) == cached
         fs.release(fh)
-    assert len(client.get_calls) == gets  # all from the cache
+    assert client.count("get_range") == gets  # all from the cache
     cold = fs.open("/data/big.bin", os.O_RDONLY)  # opens: its listing entry is known
     with pytest.raises(FsError) as info:
         fs.read(cold, 100, 0)
@@ -456,7 +397,7 @@ def test_offline_cached_files_are_served_and_uncached_reads_fail(
     assert len(offline) == 2
 
     # The store is back: the same handle reads, and opens are no longer offline.
-    client.list_error = client.get_error = None
+    client.clear()
     assert fs.read(cold, 100, 0) == OBJECTS["data/big.bin"][:100]
     fs.release(cold)
     caplog.clear()
@@ -465,10 +406,10 @@ def test_offline_cached_files_are_served_and_uncached_reads_fail(
 
 
 def test_offline_without_a_last_listing_is_eio(
-    make_fs: Callable[..., BucketFS], client: FakeStoreClient
+    make_fs: Callable[..., BucketFS], client: Store
 ) -> None:
     fs = make_fs(list_ttl=0)
-    client.list_error = StoreUnavailableError("cannot reach http://fake")
+    client.fail("list_page", StoreUnavailableError("cannot reach http://fake"))
     with pytest.raises(FsError) as info:
         fs.open("/readme.txt", os.O_RDONLY)
     assert _errno(info) == errno.EIO

@@ -1,14 +1,12 @@
-"""resumable_download logic against a fake client: checkpoint, planning, stop, verify, cleanup."""
+"""resumable_download over a MemoryStore behind a FaultyStore: checkpoint, plans, stop, verify."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
 import random
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,6 @@ import pytest
 from ossfs_resume import cli
 from ossfs_resume import download as dl
 from ossfs_resume.checksum import crc64
-from ossfs_resume.client import ObjectMeta, RequestCounters, StoreConfig
 from ossfs_resume.download import (
     Checkpoint,
     ObjectIdentity,
@@ -34,78 +31,30 @@ from ossfs_resume.errors import (
     StoreUnavailableError,
     UsageError,
 )
+from ossfs_resume.objectstore import Call, FaultyStore, MemoryStore
 
 KIB = 1024
 MIB = 1024 * KIB
 PART = 100 * KIB  # the smallest part size allowed
 
 
-class FakeClient:
-    """Serves one object from memory, like StoreClient: strict ranges, If-Match, counters.
+KEY = "dir/obj.bin"
+Store = FaultyStore[MemoryStore]
 
-    `hook(start, end)` runs before each GET is answered (to change the object,
-    fail or interrupt); `corrupt` names byte offsets whose value is flipped in
-    every answer that covers them.
+
+def make_store(data: bytes, *, etag: str | None = None, crc: bool | int = False) -> Store:
+    """The object in a MemoryStore, behind a FaultyStore to fail, corrupt or change it mid-run.
+
+    crc=False: no CRC-64 header (as S3), True: the right one, an int: that value.
     """
+    memory = MemoryStore("bkt", endpoint="http://fake.invalid")
+    memory.put(KEY, data, etag=etag, crc64=crc)
+    return FaultyStore(memory)
 
-    def __init__(
-        self,
-        data: bytes,
-        *,
-        key: str = "dir/obj.bin",
-        etag: str | None = None,
-        crc: int | bool | None = False,
-        corrupt: tuple[int, ...] = (),
-        hook: Callable[[int, int], None] | None = None,
-    ) -> None:
-        self.config = StoreConfig(protocol="s3", endpoint="http://fake.invalid", bucket="bkt")
-        self.counters = RequestCounters()
-        self.key = key
-        self.corrupt = corrupt
-        self.hook = hook
-        self.ranges: list[tuple[int, int]] = []
-        self._lock = threading.Lock()
-        self.set_object(data, etag=etag, crc=crc)
 
-    def set_object(self, data: bytes, *, etag: str | None = None, crc: int | bool | None = False):
-        """Replace the object; crc=False: no CRC header, None: same, int: that value."""
-        self.data = data
-        self.etag = etag or hashlib.md5(data).hexdigest()
-        self.crc = crc64(data) if crc is True else (None if crc is False else crc)
-        self.last_modified = 1_700_000_000.0 + len(self.ranges)
-
-    def describe(self, key: str = "") -> str:
-        return f"s3://bkt/{key}"
-
-    def head(self, key: str) -> ObjectMeta:
-        self.counters.add("head")
-        if key != self.key:
-            raise NotFoundError(f"HEAD s3://bkt/{key}: no such object", status=404, key=key)
-        return ObjectMeta(key, len(self.data), self.etag, self.last_modified, self.crc)
-
-    def get_range(self, key, start, end, *, if_match=None, into=None):
-        self.counters.add("get")
-        with self._lock:
-            self.ranges.append((start, end))
-        if self.hook:
-            self.hook(start, end)
-        if if_match and if_match != self.etag:
-            raise PreconditionFailedError("GET: the object changed", status=412, key=key)
-        chunk = bytearray(self.data[start : end + 1])
-        assert len(chunk) == end - start + 1, "range past the end"
-        for offset in self.corrupt:
-            if start <= offset <= end:
-                chunk[offset - start] ^= 0xFF
-        view = memoryview(into) if into is not None else memoryview(bytearray(len(chunk)))
-        view[: len(chunk)] = chunk
-        self.counters.add("bytes_received", len(chunk))
-        return into
-
-    def close(self) -> None:
-        pass
-
-    def fetched(self) -> int:
-        return sum(e - s + 1 for s, e in self.ranges)
+def fetched(store: Store) -> int:
+    """Bytes asked for by GETs."""
+    return sum(end - start + 1 for start, end in store.ranges())
 
 
 def payload(size: int, seed: int = 1) -> bytes:
@@ -151,13 +100,13 @@ def interrupt_after(parts: int) -> Callable[[int, int], None]:
 
 
 def interrupted_run(
-    client: FakeClient, target: Path, *, after: int, threads: int = 1, **kwargs: Any
+    client: Store, target: Path, *, after: int, threads: int = 1, **kwargs: Any
 ) -> None:
     """A download of `client`'s object stopped by Ctrl-C once `after` parts are done."""
     with pytest.raises(KeyboardInterrupt):
         resumable_download(
             client,
-            client.key,
+            KEY,
             target,
             part_size=PART,
             num_threads=threads,
@@ -274,27 +223,27 @@ def test_checkpoint_with_valid_checksum_but_impossible_parts_is_rejected(tmp_pat
 
 def test_small_object_takes_one_get(target: Path):
     data = payload(PART - 1)
-    client = FakeClient(data)
-    meta = resumable_download(client, client.key, target, part_size=PART, num_threads=4)
+    client = make_store(data)
+    meta = resumable_download(client, KEY, target, part_size=PART, num_threads=4)
     assert meta.size == len(data)
-    assert client.ranges == [(0, len(data) - 1)]
+    assert client.ranges() == [(0, len(data) - 1)]
     assert target.read_bytes() == data
     assert not cp_of(target).exists() and not tmp_of(target).exists()
 
 
 def test_parts_are_aligned_parallel_and_progress_is_monotonic(target: Path):
     data = payload(10 * PART + 123)
-    client = FakeClient(data, crc=True)
+    client = make_store(data, crc=True)
     seen: list[tuple[int, int]] = []
     resumable_download(
         client,
-        client.key,
+        KEY,
         target,
         part_size=PART,
         num_threads=4,
         progress_callback=lambda c, t: seen.append((c, t)),
     )
-    assert sorted(client.ranges) == [
+    assert sorted(client.ranges()) == [
         (n * PART, min((n + 1) * PART, len(data)) - 1) for n in range(11)
     ]
     assert target.read_bytes() == data
@@ -302,15 +251,15 @@ def test_parts_are_aligned_parallel_and_progress_is_monotonic(target: Path):
     assert consumed == sorted(consumed)
     assert seen[0] == (0, len(data)) and seen[-1] == (len(data), len(data))
     assert {t for _, t in seen} == {len(data)}
-    assert client.counters.snapshot()["bytes_received"] == len(data)
+    assert fetched(client) == len(data)
 
 
 def test_zero_byte_object(target: Path):
-    client = FakeClient(b"", crc=True)
+    client = make_store(b"", crc=True)
     seen: list[tuple[int, int]] = []
-    resumable_download(client, client.key, target, progress_callback=lambda *a: seen.append(a))
+    resumable_download(client, KEY, target, progress_callback=lambda *a: seen.append(a))
     assert target.read_bytes() == b""
-    assert client.ranges == []
+    assert client.ranges() == []
     assert seen[-1] == (0, 0)
     assert not cp_of(target).exists() and not tmp_of(target).exists()
 
@@ -327,14 +276,14 @@ def test_zero_byte_object(target: Path):
     ],
 )
 def test_bad_arguments_fail_before_any_request(target: Path, kwargs):
-    client = FakeClient(b"x" * 10)
+    client = make_store(b"x" * 10)
     with pytest.raises(UsageError):
-        resumable_download(client, client.key, target, **kwargs)
-    assert client.counters.snapshot() == RequestCounters().snapshot()
+        resumable_download(client, KEY, target, **kwargs)
+    assert client.calls == []
 
 
 def test_bad_paths_fail_before_any_request(tmp_path: Path, target: Path):
-    client = FakeClient(b"x" * 10)
+    client = make_store(b"x" * 10)
     afile = tmp_path / "afile"
     afile.write_bytes(b"")
     cases = [
@@ -348,12 +297,12 @@ def test_bad_paths_fail_before_any_request(tmp_path: Path, target: Path):
     for kwargs, needle in cases:
         kwargs.setdefault("filename", target)
         with pytest.raises(UsageError, match=needle):
-            resumable_download(client, client.key, **kwargs)
-    assert client.counters.snapshot()["head"] == 0
+            resumable_download(client, KEY, **kwargs)
+    assert client.count("head") == 0
 
 
 def test_missing_key(target: Path):
-    client = FakeClient(b"abc")
+    client = make_store(b"abc")
     with pytest.raises(NotFoundError):
         resumable_download(client, "nope", target)
     assert not target.exists() and not tmp_of(target).exists()
@@ -364,7 +313,7 @@ def test_missing_key(target: Path):
 
 def test_interrupt_keeps_finished_parts_and_resume_uses_recorded_part_size(target: Path):
     data = payload(12 * PART + 7)
-    client = FakeClient(data)
+    client = make_store(data)
     interrupted_run(client, target, after=3, threads=2)
     assert not target.exists()
     cp = load_checkpoint(str(cp_of(target)))
@@ -375,38 +324,38 @@ def test_interrupt_keeps_finished_parts_and_resume_uses_recorded_part_size(targe
         assert on_disk[n * PART : n * PART + rec.length] == data[n * PART : n * PART + rec.length]
         assert crc64(data[n * PART : n * PART + rec.length]) == rec.crc
 
-    client.ranges.clear()
+    client.calls.clear()
     seen: list[tuple[int, int]] = []
     resumable_download(
         client,
-        client.key,
+        KEY,
         target,
         part_size=4 * PART,  # ignored: the checkpoint's part size wins
         num_threads=3,
         progress_callback=lambda *a: seen.append(a),
     )
     assert target.read_bytes() == data
-    assert all(s % PART == 0 and (e + 1) % PART in (0, 7) for s, e in client.ranges)
-    assert {s // PART for s, _ in client.ranges} == set(range(13)) - set(cp.parts)
-    assert client.fetched() == len(data) - cp.done_bytes()
+    assert all(s % PART == 0 and (e + 1) % PART in (0, 7) for s, e in client.ranges())
+    assert {s // PART for s, _ in client.ranges()} == set(range(13)) - set(cp.parts)
+    assert fetched(client) == len(data) - cp.done_bytes()
     assert seen[0] == (cp.done_bytes(), len(data))
     assert not cp_of(target).exists() and not tmp_of(target).exists()
 
 
 def test_resume_refetches_a_recorded_part_modified_on_disk(target: Path, caplog):
     data = payload(8 * PART)
-    client = FakeClient(data)
+    client = make_store(data)
     interrupted_run(client, target, after=3)
     cp = load_checkpoint(str(cp_of(target)))
     victim = min(cp.parts)
     with open(tmp_of(target), "r+b") as f:
         f.seek(victim * PART + 10)
         f.write(b"\x00garbage\x00")
-    client.ranges.clear()
+    client.calls.clear()
     with caplog.at_level(logging.WARNING, logger="ossfs_resume.download"):
-        resumable_download(client, client.key, target, part_size=PART)
+        resumable_download(client, KEY, target, part_size=PART)
     assert target.read_bytes() == data
-    refetched = {s // PART for s, _ in client.ranges}
+    refetched = {s // PART for s, _ in client.ranges()}
     assert refetched == (set(range(8)) - set(cp.parts)) | {victim}
     assert any("no longer match" in r.getMessage() for r in caplog.records)
 
@@ -414,7 +363,7 @@ def test_resume_refetches_a_recorded_part_modified_on_disk(target: Path, caplog)
 @pytest.mark.parametrize("damage", ["crc", "json", "truncated"])
 def test_damaged_checkpoint_means_full_restart_and_one_warning(target: Path, caplog, damage):
     data = payload(6 * PART + 1)
-    client = FakeClient(data)
+    client = make_store(data)
     interrupted_run(client, target, after=2)
     path = cp_of(target)
     temp = tmp_of(target)
@@ -425,11 +374,11 @@ def test_damaged_checkpoint_means_full_restart_and_one_warning(target: Path, cap
         path.write_text(path.read_text().replace(f'"part_size":{PART}', '"part_size":204800'))
     else:
         path.write_text(path.read_text()[:-40])
-    client.ranges.clear()
+    client.calls.clear()
     with caplog.at_level(logging.INFO, logger="ossfs_resume"):
-        resumable_download(client, client.key, target, part_size=PART)
+        resumable_download(client, KEY, target, part_size=PART)
     assert target.read_bytes() == data
-    assert client.fetched() == len(data)
+    assert fetched(client) == len(data)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "damaged" in warnings[0].getMessage()
@@ -444,30 +393,30 @@ def test_damaged_checkpoint_means_full_restart_and_one_warning(target: Path, cap
 def test_a_file_that_is_not_a_checkpoint_is_refused_and_left_untouched(
     tmp_path: Path, target: Path, content: bytes
 ):
-    client = FakeClient(payload(3 * PART))
+    client = make_store(payload(3 * PART))
     notes = tmp_path / "notes.json"
     notes.write_bytes(content)
     with pytest.raises(UsageError, match="not an ossfs-resume download checkpoint"):
-        resumable_download(client, client.key, target, part_size=PART, checkpoint_file=notes)
+        resumable_download(client, KEY, target, part_size=PART, checkpoint_file=notes)
     assert notes.read_bytes() == content
-    assert client.ranges == []
+    assert client.ranges() == []
     assert not target.exists() and not tmp_of(target).exists()
 
 
 def test_an_existing_temp_like_file_of_the_user_is_never_touched(target: Path):
     data = payload(3 * PART)
-    client = FakeClient(data)
+    client = make_store(data)
     theirs = Path(str(target) + ".tmp")
     theirs.write_bytes(b"the user's own file")
     target.write_bytes(b"the old target")
-    resumable_download(client, client.key, target, part_size=PART)
+    resumable_download(client, KEY, target, part_size=PART)
     assert target.read_bytes() == data
     assert theirs.read_bytes() == b"the user's own file"
 
 
 def test_a_checkpoint_naming_a_temp_file_that_is_not_ours_is_damaged(target: Path, tmp_path):
     data = payload(3 * PART)
-    client = FakeClient(data)
+    client = make_store(data)
     interrupted_run(client, target, after=1)
     path = cp_of(target)
     body = json.loads(path.read_text())
@@ -476,7 +425,7 @@ def test_a_checkpoint_naming_a_temp_file_that_is_not_ours_is_damaged(target: Pat
     precious.write_text("keep me")
     body["temp"] = str(precious)
     path.write_bytes(dl._canonical({**body, "checksum": dl._digest(body)}))
-    resumable_download(client, client.key, target, part_size=PART)
+    resumable_download(client, KEY, target, part_size=PART)
     assert target.read_bytes() == data
     assert precious.read_text() == "keep me"
 
@@ -484,44 +433,42 @@ def test_a_checkpoint_naming_a_temp_file_that_is_not_ours_is_damaged(target: Pat
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_short_or_missing_temp_file_means_full_restart(target: Path, how):
     data = payload(6 * PART + 1)
-    client = FakeClient(data)
+    client = make_store(data)
     interrupted_run(client, target, after=2)
     cp = load_checkpoint(str(cp_of(target)))
     if how == "truncated":
         os.truncate(tmp_of(target), cp.recorded_end() - 1)
     else:
         tmp_of(target).unlink()
-    client.ranges.clear()
-    resumable_download(client, client.key, target, part_size=PART)
+    client.calls.clear()
+    resumable_download(client, KEY, target, part_size=PART)
     assert target.read_bytes() == data
-    assert client.fetched() == len(data)
+    assert fetched(client) == len(data)
 
 
 def test_changed_object_between_runs_starts_over(target: Path):
     old, new = payload(6 * PART, 1), payload(6 * PART, 2)
-    client = FakeClient(old)
+    client = make_store(old)
     interrupted_run(client, target, after=2)
-    client.set_object(new)
-    client.ranges.clear()
-    resumable_download(client, client.key, target, part_size=PART)
+    client.inner.put(KEY, new, crc64=False)
+    client.calls.clear()
+    resumable_download(client, KEY, target, part_size=PART)
     assert target.read_bytes() == new
-    assert client.fetched() == len(new)
+    assert fetched(client) == len(new)
 
 
 def test_worker_error_stops_scheduling_and_keeps_finished_parts(target: Path):
     data = payload(40 * PART)
-    failed = threading.Event()
-
-    def hook(start: int, end: int) -> None:
-        if start == 5 * PART:
-            failed.set()
-            raise StoreUnavailableError("GET: 503 SlowDown after 4 attempts")
-
-    client = FakeClient(data, hook=hook)
+    client = make_store(data)
+    client.fail(
+        "get_range",
+        StoreUnavailableError("GET: 503 SlowDown after 4 attempts"),
+        when=lambda call: call.start == 5 * PART,
+    )
     with pytest.raises(StoreUnavailableError):
-        resumable_download(client, client.key, target, part_size=PART, num_threads=2)
-    assert failed.is_set()
-    requested = {s // PART for s, _ in client.ranges}
+        resumable_download(client, KEY, target, part_size=PART, num_threads=2)
+    assert (5 * PART, 6 * PART - 1) in client.ranges()
+    requested = {s // PART for s, _ in client.ranges()}
     assert len(requested) < 20, "kept scheduling parts after a failure"
     cp = load_checkpoint(str(cp_of(target)))
     assert 5 not in cp.parts
@@ -535,19 +482,18 @@ def test_worker_error_stops_scheduling_and_keeps_finished_parts(target: Path):
 def test_object_changed_mid_run_leaves_target_alone_and_discards_parts(target: Path):
     old, new = payload(8 * PART, 1), payload(8 * PART, 2)
     target.write_bytes(b"previous contents")
-    client: FakeClient
+    client = make_store(old)
 
-    def hook(start: int, end: int) -> None:
-        if start == 2 * PART:
-            client.set_object(new)
+    def change(call: Call) -> None:
+        client.inner.put(KEY, new, crc64=False)
 
-    client = FakeClient(old, hook=hook)
+    client.before("get_range", change, when=lambda call: call.start == 2 * PART)
     with pytest.raises(PreconditionFailedError, match="changed during the download"):
-        resumable_download(client, client.key, target, part_size=PART, num_threads=1)
+        resumable_download(client, KEY, target, part_size=PART, num_threads=1)
     assert target.read_bytes() == b"previous contents"
     assert not cp_of(target).exists() and not tmp_of(target).exists()
-    client.hook = None
-    resumable_download(client, client.key, target, part_size=PART, num_threads=1)
+    client.clear()
+    resumable_download(client, KEY, target, part_size=PART, num_threads=1)
     assert target.read_bytes() == new
 
 
@@ -556,32 +502,34 @@ def test_object_changed_mid_run_leaves_target_alone_and_discards_parts(target: P
 
 def test_crc_mismatch_removes_checkpoint_and_temp(target: Path):
     data = payload(5 * PART + 9)
-    client = FakeClient(data, crc=crc64(data), corrupt=(3 * PART + 17,))
+    client = make_store(data, crc=crc64(data))
+    client.corrupt(3 * PART + 17)
     target.write_bytes(b"keep me")
     with pytest.raises(ChecksumError, match="CRC-64"):
-        resumable_download(client, client.key, target, part_size=PART, num_threads=3)
+        resumable_download(client, KEY, target, part_size=PART, num_threads=3)
     assert target.read_bytes() == b"keep me"
     assert not cp_of(target).exists() and not tmp_of(target).exists()
     # The retry starts from nothing, so a transient corruption does not stick.
-    client.corrupt = ()
-    client.ranges.clear()
-    resumable_download(client, client.key, target, part_size=PART)
+    client.clear()
+    client.calls.clear()
+    resumable_download(client, KEY, target, part_size=PART)
     assert target.read_bytes() == data
-    assert client.fetched() == len(data)
+    assert fetched(client) == len(data)
 
 
 def test_md5_mismatch_removes_checkpoint_and_temp(target: Path):
     data = payload(3 * PART)
-    client = FakeClient(data, corrupt=(5,))
+    client = make_store(data)
+    client.corrupt(5)
     with pytest.raises(ChecksumError, match="MD5"):
-        resumable_download(client, client.key, target, part_size=PART)
+        resumable_download(client, KEY, target, part_size=PART)
     assert not target.exists()
     assert not cp_of(target).exists() and not tmp_of(target).exists()
 
 
 def test_multipart_etag_falls_back_to_rereading_parts(target: Path, monkeypatch):
     data = payload(4 * PART)
-    client = FakeClient(data, etag="0123456789abcdef0123456789abcdef-4")
+    client = make_store(data, etag="0123456789abcdef0123456789abcdef-4")
     real_verify = dl._Download._verify
 
     def corrupt_temp_then_verify(job: Any, cp: Any) -> None:
@@ -592,20 +540,20 @@ def test_multipart_etag_falls_back_to_rereading_parts(target: Path, monkeypatch)
 
     monkeypatch.setattr(dl._Download, "_verify", corrupt_temp_then_verify)
     with pytest.raises(ChecksumError, match=r"parts 1 differ"):
-        resumable_download(client, client.key, target, part_size=PART)
+        resumable_download(client, KEY, target, part_size=PART)
     monkeypatch.undo()
     assert not cp_of(target).exists() and not tmp_of(target).exists()
-    resumable_download(client, client.key, target, part_size=PART)
+    resumable_download(client, KEY, target, part_size=PART)
     assert target.read_bytes() == data
 
 
 def test_checkpoint_disabled_writes_none(target: Path):
     data = payload(5 * PART)
-    client = FakeClient(data)
+    client = make_store(data)
     seen_cp: list[bool] = []
     resumable_download(
         client,
-        client.key,
+        KEY,
         target,
         part_size=PART,
         num_threads=3,
@@ -614,17 +562,17 @@ def test_checkpoint_disabled_writes_none(target: Path):
     )
     assert target.read_bytes() == data
     assert seen_cp and not any(seen_cp)
-    assert len(client.ranges) == 5
+    assert len(client.ranges()) == 5
     assert not cp_of(target).exists() and not tmp_of(target).exists()
 
 
 def test_explicit_checkpoint_path(tmp_path: Path, target: Path):
     data = payload(4 * PART)
-    client = FakeClient(data)
+    client = make_store(data)
     cp_path = tmp_path / "elsewhere.json"
     interrupted_run(client, target, after=1, checkpoint_file=cp_path)
     assert cp_path.exists() and not cp_of(target).exists()
-    resumable_download(client, client.key, target, checkpoint_file=cp_path)
+    resumable_download(client, KEY, target, checkpoint_file=cp_path)
     assert target.read_bytes() == data
     assert not cp_path.exists()
 
@@ -655,11 +603,8 @@ def test_parser_defaults(target: Path):
 def test_cmd_download_ctrl_c_prints_one_line_and_returns_130(target: Path, monkeypatch, capsys):
     data = payload(6 * PART)
 
-    def hook(start: int, end: int) -> None:
-        if start >= 3 * PART:
-            raise KeyboardInterrupt
-
-    fake = FakeClient(data, hook=hook)
+    fake = make_store(data)
+    fake.fail("get_range", KeyboardInterrupt(), when=lambda call: (call.start or 0) >= 3 * PART)
     monkeypatch.setattr("ossfs_resume.cli.make_client", lambda url, args, **kw: fake)
     args = cli_args(target, extra=["--threads", "1", "--part-size", "100K"])
     assert cli.cmd_download(args) == 130
@@ -667,7 +612,7 @@ def test_cmd_download_ctrl_c_prints_one_line_and_returns_130(target: Path, monke
     assert len(err) == 1, err
     assert "run the same command to resume: ossfs-resume download s3://bkt/dir/obj.bin" in err[0]
     assert len(load_checkpoint(str(cp_of(target))).parts) == 3
-    fake.hook = None
+    fake.clear()
     assert cli.cmd_download(args) == 0
     assert target.read_bytes() == data
 

@@ -17,7 +17,6 @@ import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,26 +31,12 @@ from ossfs_resume.errors import AccessDeniedError, StoreUnavailableError
 from ossfs_resume.fuse_ops import FuseAdapter, FuseBuf, FuseBufvec
 from ossfs_resume.prefetch import SOURCE_XATTR
 
-from .test_core import BUCKET, OBJECTS, PART, FakeStoreClient
+from .test_core import OBJECTS, PART, Store, make_store
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
 FILE = "/data/big.bin"
 DATA = OBJECTS["data/big.bin"]
-
-
-@dataclass(frozen=True)
-class FullConfig:
-    """What getxattr reads from a real StoreConfig."""
-
-    bucket: str = BUCKET
-    store_id: str = "s3+http://fake"
-    protocol: str = "s3"
-    endpoint: str = "http://fake"
-    region: str | None = None
-    signature_version: str = "v4"
-    addressing: str = "auto"
-    credentials: None = None
 
 
 class FailingCache:
@@ -85,14 +70,12 @@ CACHE_ERROR_IDS = ["sqlite", "oserror"]
 
 
 @pytest.fixture
-def client() -> FakeStoreClient:
-    fake = FakeStoreClient(OBJECTS)
-    fake.config = FullConfig()  # type: ignore[assignment]
-    return fake
+def client() -> Store:
+    return make_store(OBJECTS)
 
 
 @pytest.fixture
-def make_adapter(client: FakeStoreClient, tmp_path: Path) -> Iterator[Callable[..., FuseAdapter]]:
+def make_adapter(client: Store, tmp_path: Path) -> Iterator[Callable[..., FuseAdapter]]:
     made: list[FuseAdapter] = []
 
     def make(wrap_cache: Callable[[PartCache], Any] = lambda c: c) -> FuseAdapter:
@@ -166,14 +149,14 @@ STORE_ERRORS = [
 @pytest.mark.parametrize(("error", "code"), STORE_ERRORS)
 def test_metadata_callbacks_with_a_failing_store(
     make_adapter: Callable[..., FuseAdapter],
-    client: FakeStoreClient,
+    client: Store,
     caplog: pytest.LogCaptureFixture,
     error: Callable[[], Exception],
     code: int,
 ) -> None:
     caplog.set_level(logging.INFO)
     adapter = make_adapter()
-    client.list_error = error()
+    client.fail("list_page", error())
     _fails(caplog, code, "getattr", FILE, lambda: adapter.getattr(FILE))
     _fails(caplog, code, "readdir", "/data", lambda: adapter.readdir("/data", 0))
     _fails(caplog, code, "open", FILE, lambda: adapter.open(FILE, _fi()))
@@ -187,7 +170,7 @@ def test_metadata_callbacks_with_a_failing_store(
 @pytest.mark.parametrize(("error", "code"), STORE_ERRORS)
 def test_reads_with_a_failing_store_are_eio(
     make_adapter: Callable[..., FuseAdapter],
-    client: FakeStoreClient,
+    client: Store,
     caplog: pytest.LogCaptureFixture,
     error: Callable[[], Exception],
     code: int,
@@ -196,7 +179,7 @@ def test_reads_with_a_failing_store_are_eio(
     adapter = make_adapter()
     fi = _open(adapter)
     assert _read_into(adapter, fi, 0, 10) == DATA[:10]
-    client.get_error = error()
+    client.fail("get_range", error())
     # A read that fails part way is EIO whatever the store said (EACCES mid-file is no answer).
     _fails(caplog, errno.EIO, "read", FILE, lambda: _read_into(adapter, fi, 3 * PART, 100))
     _fails(caplog, errno.EIO, "read", FILE, lambda: adapter.read(FILE, 100, 4 * PART, fi))
@@ -226,11 +209,11 @@ def test_missing_names_and_read_only_answers_are_not_logged(
 
 def test_traceback_only_when_debugging(
     make_adapter: Callable[..., FuseAdapter],
-    client: FakeStoreClient,
+    client: Store,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     adapter = make_adapter()
-    client.list_error = ConnectionError("connection reset by peer")
+    client.fail("list_page", ConnectionError("connection reset by peer"))
     caplog.set_level(logging.DEBUG, logger="ossfs_resume")
     with pytest.raises(mfusepy.FuseOSError):
         adapter.getattr(FILE)
@@ -258,7 +241,7 @@ def test_a_core_that_cannot_be_built_fails_init_with_one_line(
 @pytest.mark.parametrize("error", CACHE_ERRORS, ids=CACHE_ERROR_IDS)
 def test_a_failing_cache_still_serves_every_callback_from_the_store(
     make_adapter: Callable[..., FuseAdapter],
-    client: FakeStoreClient,
+    client: Store,
     caplog: pytest.LogCaptureFixture,
     error: Callable[[], Exception],
 ) -> None:
@@ -279,7 +262,7 @@ def test_a_failing_cache_still_serves_every_callback_from_the_store(
     assert len(records) == 1, [r.getMessage() for r in caplog.records]
     assert records[0].levelno == logging.WARNING
     assert "straight from the store" in records[0].getMessage()
-    assert client.get_calls  # really from the store
+    assert client.calls_to("get_range")  # really from the store
 
 
 @pytest.mark.parametrize("error", CACHE_ERRORS, ids=CACHE_ERROR_IDS)
@@ -301,13 +284,13 @@ def test_cache_failures_during_reads_are_eio(
 @pytest.mark.parametrize("error", CACHE_ERRORS, ids=CACHE_ERROR_IDS)
 def test_a_failing_cache_at_unmount_still_closes_the_client(
     make_adapter: Callable[..., FuseAdapter],
-    client: FakeStoreClient,
+    client: Store,
     caplog: pytest.LogCaptureFixture,
     error: Callable[[], Exception],
 ) -> None:
     adapter = make_adapter(lambda real: FailingCache(real, error, {"close"}))
     adapter.destroy("/")
-    assert client.closed
+    assert client.inner.closed
     assert any("closing the mount" in r.getMessage() for r in caplog.records)
 
 
@@ -408,7 +391,7 @@ def test_read_buf_fills_a_malloced_bufvec_that_libc_frees(
 @pytest.mark.parametrize(("error", "code"), STORE_ERRORS)
 def test_a_failed_read_buf_frees_its_buffers_and_answers_eio(
     make_adapter: Callable[..., FuseAdapter],
-    client: FakeStoreClient,
+    client: Store,
     alloc: CountingAlloc,
     caplog: pytest.LogCaptureFixture,
     error: Callable[[], Exception],
@@ -417,7 +400,7 @@ def test_a_failed_read_buf_frees_its_buffers_and_answers_eio(
     caplog.set_level(logging.INFO)
     adapter = make_adapter()
     fi = _open(adapter)
-    client.get_error = error()
+    client.fail("get_range", error())
     bufpp = _bufpp()
     # EIO whatever the store said, as for any read that fails (one line naming the file).
     _fails(caplog, errno.EIO, "read", FILE, lambda: adapter.read_buf(FILE, bufpp, 100, 0, fi))

@@ -3,52 +3,31 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 
-from ossfs_resume.client import ListPage, ObjectMeta
 from ossfs_resume.errors import AccessDeniedError, NoSuchBucketError, StoreUnavailableError
 from ossfs_resume.namespace import FOREVER, Entry, Namespace, bad_name_reason
+from ossfs_resume.objectstore import FaultyStore, MemoryStore
+
+Store = FaultyStore[MemoryStore]
 
 
-class FakeListClient:
-    """Lists a set of keys the way a store does: sorted, grouped by delimiter, paginated."""
+def _store(keys: dict[str, int] | list[str], page_size: int = 1000) -> Store:
+    """The keys in a MemoryStore listing `page_size` entries a page, behind a FaultyStore.
 
-    def __init__(self, keys: dict[str, int] | list[str], page_size: int = 1000) -> None:
-        self.sizes = dict(keys) if isinstance(keys, dict) else {k: len(k) for k in keys}
-        self.page_size = page_size
-        self.calls: list[tuple[str, str]] = []
-        self.pages_served = 0
-        self.error: Exception | None = None
+    Sizes as given (else the key's length), ETag "etag-KEY", mtime growing with the key's length.
+    """
+    memory = MemoryStore(max_page=page_size)
+    sizes = dict(keys) if isinstance(keys, dict) else {k: len(k) for k in keys}
+    for key, size in sizes.items():
+        memory.put(key, b"x" * size, etag=f"etag-{key}", mtime=1_700_000_000.0 + len(key))
+    return FaultyStore(memory)
 
-    def list(self, prefix: str, delimiter: str = "/") -> Iterator[ListPage]:
-        self.calls.append((prefix, delimiter))
-        if self.error is not None:
-            raise self.error
-        entries: dict[str, bool] = {}
-        for key in sorted(self.sizes):
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix) :]
-            if delimiter and delimiter in rest:
-                entries[prefix + rest[: rest.index(delimiter) + 1]] = True
-            else:
-                entries[key] = False
-        names = sorted(entries)
-        for start in range(0, max(len(names), 1), self.page_size):
-            chunk = names[start : start + self.page_size]
-            more = start + self.page_size < len(names)
-            self.pages_served += 1
-            yield ListPage(
-                objects=[
-                    ObjectMeta(n, self.sizes[n], f"etag-{n}", 1_700_000_000.0 + len(n))
-                    for n in chunk
-                    if not entries[n]
-                ],
-                prefixes=[n for n in chunk if entries[n]],
-                next_token=f"t{start + self.page_size}" if more else None,
-            )
+
+def _listings(store: Store) -> list[tuple[str, str | None]]:
+    """(prefix, delimiter) of each listing asked for (its first page), in order."""
+    return [(c.key, c.delimiter) for c in store.calls_to("list_page") if c.token is None]
 
 
 class FakeClock:
@@ -59,7 +38,7 @@ class FakeClock:
         return self.now
 
 
-def _ns(client: FakeListClient, prefix: str = "", **kwargs: object) -> Namespace:
+def _ns(client: Store, prefix: str = "", **kwargs: object) -> Namespace:
     return Namespace(client, prefix, **kwargs)  # type: ignore[arg-type]
 
 
@@ -68,7 +47,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_root_listing_files_and_implicit_dirs() -> None:
-    client = FakeListClient({"a.txt": 5, "b/c.txt": 7, "b/d/e.txt": 9, "z": 1})
+    client = _store({"a.txt": 5, "b/c.txt": 7, "b/d/e.txt": 9, "z": 1})
     ns = _ns(client)
     entries = ns.listdir("")
     assert set(entries) == {"a.txt", "b", "z"}
@@ -76,12 +55,12 @@ def test_root_listing_files_and_implicit_dirs() -> None:
         name="a.txt", is_dir=False, key="a.txt", size=5, mtime=1_700_000_005.0, etag="etag-a.txt"
     )
     assert entries["b"] == Entry(name="b", is_dir=True, key="b/")
-    assert client.calls == [("", "/")]
+    assert _listings(client) == [("", "/")]
     sub = ns.listdir("b")
     assert set(sub) == {"c.txt", "d"}
     assert sub["c.txt"].key == "b/c.txt" and sub["c.txt"].size == 7
     assert sub["d"].is_dir and sub["d"].key == "b/d/"
-    assert client.calls[-1] == ("b/", "/")
+    assert _listings(client)[-1] == ("b/", "/")
     assert ns.listdir("/b/d/") == {
         "e.txt": Entry("e.txt", False, "b/d/e.txt", 9, 1_700_000_009.0, "etag-b/d/e.txt")
     }
@@ -89,7 +68,7 @@ def test_root_listing_files_and_implicit_dirs() -> None:
 
 def test_marker_object_is_a_directory_not_a_file(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
-    client = FakeListClient({"dir/": 0, "empty/": 0, "dir/f": 3})
+    client = _store({"dir/": 0, "empty/": 0, "dir/f": 3})
     ns = _ns(client)
     root = ns.listdir("")
     assert root["dir"].is_dir and root["empty"].is_dir
@@ -101,7 +80,7 @@ def test_marker_object_is_a_directory_not_a_file(caplog: pytest.LogCaptureFixtur
 
 
 def test_missing_directory_is_empty() -> None:
-    ns = _ns(FakeListClient(["a"]))
+    ns = _ns(_store(["a"]))
     assert ns.listdir("nope") == {}
     assert ns.lookup("nope") is None
     assert ns.lookup("nope/deeper") is None
@@ -109,7 +88,7 @@ def test_missing_directory_is_empty() -> None:
 
 def test_empty_segment_skipped_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
-    client = FakeListClient(["a//b", "a/ok", "/lead"])
+    client = _store(["a//b", "a/ok", "/lead"])
     ns = _ns(client, list_ttl=0)
     assert set(ns.listdir("")) == {"a"}  # "/lead" gives an empty name at the root
     assert set(ns.listdir("a")) == {"ok"}
@@ -136,7 +115,7 @@ def test_empty_segment_skipped_with_one_warning(caplog: pytest.LogCaptureFixture
 )
 def test_bad_names_skipped(caplog: pytest.LogCaptureFixture, key: str, reason: str) -> None:
     caplog.set_level(logging.WARNING)
-    client = FakeListClient([key, "d/good"])
+    client = _store([key, "d/good"])
     ns = _ns(client)
     assert set(ns.listdir("d")) == {"good"}
     warnings = _warnings(caplog)
@@ -147,7 +126,7 @@ def test_bad_names_skipped(caplog: pytest.LogCaptureFixture, key: str, reason: s
 def test_longest_allowed_names_are_kept() -> None:
     ascii_name = "n" * 255
     wide_name = "é" * 127 + "x"  # 255 bytes
-    ns = _ns(FakeListClient([f"d/{ascii_name}", f"d/{wide_name}", f"{ascii_name}/f"]))
+    ns = _ns(_store([f"d/{ascii_name}", f"d/{wide_name}", f"{ascii_name}/f"]))
     assert set(ns.listdir("d")) == {ascii_name, wide_name}
     assert ns.lookup(f"{ascii_name}/f") is not None
 
@@ -167,7 +146,7 @@ def test_bad_name_reason() -> None:
 
 def test_file_prefix_clash_directory_wins(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
-    client = FakeListClient({"x": 10, "x/inner": 3, "y": 1})
+    client = _store({"x": 10, "x/inner": 3, "y": 1})
     ns = _ns(client, list_ttl=0)
     entries = ns.listdir("")
     assert entries["x"] == Entry("x", True, "x/")
@@ -183,98 +162,98 @@ def test_file_prefix_clash_directory_wins(caplog: pytest.LogCaptureFixture) -> N
 def test_clash_across_pages(caplog: pytest.LogCaptureFixture) -> None:
     # "x" and "x/" arrive on different pages.
     caplog.set_level(logging.WARNING)
-    client = FakeListClient(["w", "x", "x/inner"], page_size=2)
+    client = _store(["w", "x", "x/inner"], page_size=2)
     ns = _ns(client)
     entries = ns.listdir("")
-    assert client.pages_served == 2
+    assert client.count("list_page") == 2
     assert entries["x"].is_dir
     assert len(_warnings(caplog)) == 1
 
 
 def test_listing_pagination_merges_pages() -> None:
     keys = [f"d/file{i:03d}" for i in range(25)] + [f"d/sub{i}/f" for i in range(5)]
-    client = FakeListClient(keys, page_size=4)
+    client = _store(keys, page_size=4)
     ns = _ns(client)
     entries = ns.listdir("d")
-    assert client.pages_served == 8  # 30 entries, 4 per page
-    assert len(client.calls) == 1
+    assert client.count("list_page") == 8  # 30 entries, 4 per page
+    assert len(_listings(client)) == 1
     assert set(entries) == {f"file{i:03d}" for i in range(25)} | {f"sub{i}" for i in range(5)}
     assert sum(e.is_dir for e in entries.values()) == 5
 
 
 def test_ttl_caches_then_expires() -> None:
     clock = FakeClock()
-    client = FakeListClient(["a", "d/b"])
+    client = _store(["a", "d/b"])
     ns = _ns(client, list_ttl=10.0, clock=clock)
     ns.listdir("")
     ns.listdir("/")
     ns.lookup("a")
     clock.now += 9.9
     ns.listdir("")
-    assert client.calls == [("", "/")]
+    assert _listings(client) == [("", "/")]
     clock.now += 0.2
     ns.listdir("")
-    assert client.calls == [("", "/"), ("", "/")]
+    assert _listings(client) == [("", "/"), ("", "/")]
     ns.listdir("")
-    assert len(client.calls) == 2
+    assert len(_listings(client)) == 2
 
 
 def test_ttl_sees_new_keys_after_expiry() -> None:
     clock = FakeClock()
-    client = FakeListClient(["a"])
+    client = _store(["a"])
     ns = _ns(client, list_ttl=5.0, clock=clock)
     assert set(ns.listdir("")) == {"a"}
-    client.sizes["new"] = 3
+    client.inner.put("new", b"xxx")
     assert set(ns.listdir("")) == {"a"}  # cached
     clock.now += 6
     assert set(ns.listdir("")) == {"a", "new"}
 
 
 def test_ttl_zero_lists_every_time() -> None:
-    client = FakeListClient(["a", "d/b"])
+    client = _store(["a", "d/b"])
     ns = _ns(client, list_ttl=0)
     for _ in range(3):
         ns.listdir("")
-    assert client.calls == [("", "/")] * 3
+    assert _listings(client) == [("", "/")] * 3
 
 
 def test_ttl_forever_never_relists() -> None:
     clock = FakeClock()
-    client = FakeListClient(["a"])
+    client = _store(["a"])
     ns = _ns(client, list_ttl=FOREVER, clock=clock)
     ns.listdir("")
     clock.now += 1e9
     ns.listdir("")
-    assert len(client.calls) == 1
+    assert len(_listings(client)) == 1
 
 
 def test_invalidate() -> None:
-    client = FakeListClient(["a", "d/b"])
+    client = _store(["a", "d/b"])
     ns = _ns(client, list_ttl=100.0)
     ns.listdir("")
     ns.listdir("d")
     ns.invalidate("/d/")
     ns.listdir("")
     ns.listdir("d")
-    assert client.calls == [("", "/"), ("d/", "/"), ("d/", "/")]
+    assert _listings(client) == [("", "/"), ("d/", "/"), ("d/", "/")]
     ns.invalidate()
     ns.listdir("")
     ns.listdir("d")
-    assert len(client.calls) == 5
+    assert len(_listings(client)) == 5
 
 
 @pytest.mark.parametrize("prefix", ["data", "data/"])
 def test_prefix_mount(prefix: str) -> None:
-    client = FakeListClient(["data/a.txt", "data/sub/b.txt", "database/x", "other/y"])
+    client = _store(["data/a.txt", "data/sub/b.txt", "database/x", "other/y"])
     ns = _ns(client, prefix)
     assert ns.prefix == "data/"
     root = ns.listdir("")
     assert set(root) == {"a.txt", "sub"}
     assert root["a.txt"].key == "data/a.txt"
     assert root["sub"].key == "data/sub/"
-    assert client.calls == [("data/", "/")]
+    assert _listings(client) == [("data/", "/")]
     assert set(ns.listdir("sub")) == {"b.txt"}
-    assert client.calls[-1] == ("data/sub/", "/")
+    assert _listings(client)[-1] == ("data/sub/", "/")
     entry = ns.lookup("sub/b.txt")
     assert entry is not None and entry.key == "data/sub/b.txt"
     assert ns.lookup("") == Entry("", True, "data/")
@@ -283,7 +262,7 @@ def test_prefix_mount(prefix: str) -> None:
 
 
 def test_lookup_nested_paths() -> None:
-    client = FakeListClient({"a/b/c/d.txt": 42, "a/b/e": 1, "top": 2})
+    client = _store({"a/b/c/d.txt": 42, "a/b/e": 1, "top": 2})
     ns = _ns(client)
     entry = ns.lookup("a/b/c/d.txt")
     assert entry is not None
@@ -296,16 +275,16 @@ def test_lookup_nested_paths() -> None:
     assert ns.lookup("top/x") is None
     assert ns.lookup("a/b/e/x") is None
     # Each directory was listed once.
-    assert sorted(client.calls) == [("", "/"), ("a/", "/"), ("a/b/", "/"), ("a/b/c/", "/")]
+    assert sorted(_listings(client)) == [("", "/"), ("a/", "/"), ("a/b/", "/"), ("a/b/c/", "/")]
 
 
 def test_list_errors_propagate_and_are_not_cached() -> None:
-    client = FakeListClient(["a"])
-    client.error = AccessDeniedError("denied", status=403)
+    client = _store(["a"])
+    client.fail("list_page", AccessDeniedError("denied", status=403))
     ns = _ns(client)
     with pytest.raises(AccessDeniedError):
         ns.listdir("")
-    client.error = None
+    client.clear()
     assert set(ns.listdir("")) == {"a"}
 
 
@@ -317,39 +296,39 @@ def test_unreachable_store_is_answered_from_the_last_listing(
 ) -> None:
     caplog.set_level(logging.WARNING)
     clock = FakeClock()
-    client = FakeListClient({"a": 1, "d/b": 2, "d/c": 3})
+    client = _store({"a": 1, "d/b": 2, "d/c": 3})
     ns = _ns(client, list_ttl=5.0, clock=clock)
     before = {path: ns.listdir(path) for path in ("", "d")}
     assert ns.offline_age("d") is None
     clock.now += 60
-    client.error = StoreUnavailableError("cannot reach the store")
+    client.fail("list_page", StoreUnavailableError("cannot reach the store"))
     for _ in range(3):
         assert ns.listdir("d") == before["d"]
         assert ns.lookup("d/b") == before["d"]["b"]
     assert ns.offline_age("d") == 60
     # It tried the store each time (the client's latch keeps that cheap), and said so
     # once per directory.
-    assert client.calls.count(("d/", "/")) == 1 + 3 + 3
+    assert _listings(client).count(("d/", "/")) == 1 + 3 + 3
     warnings = _warnings(caplog)
     assert len(warnings) == 2, warnings
     assert "store unreachable; serving the listing of /d from 60 s ago" in warnings[0]
     assert "listing of / from 60 s ago" in warnings[1]
     # Back online: fresh listings again, and a later outage warns again.
-    client.error = None
-    client.sizes["d/new"] = 4
+    client.clear()
+    client.inner.put("d/new", b"xxxx")
     assert "new" in ns.listdir("d")
     assert ns.offline_age("d") is None
     clock.now += 60
-    client.error = StoreUnavailableError("down again")
+    client.fail("list_page", StoreUnavailableError("down again"))
     assert "new" in ns.listdir("d")
     assert len(_warnings(caplog)) == 3
 
 
 def test_unreachable_store_without_a_listing_is_an_error() -> None:
-    client = FakeListClient(["a", "d/b"])
+    client = _store(["a", "d/b"])
     ns = _ns(client, list_ttl=5.0)
     ns.listdir("")
-    client.error = StoreUnavailableError("cannot reach the store")
+    client.fail("list_page", StoreUnavailableError("cannot reach the store"))
     with pytest.raises(StoreUnavailableError):
         ns.listdir("d")
     with pytest.raises(StoreUnavailableError):
@@ -362,30 +341,30 @@ def test_unreachable_store_without_a_listing_is_an_error() -> None:
 )
 def test_a_store_that_answers_is_not_an_outage(error: Exception) -> None:
     clock = FakeClock()
-    client = FakeListClient(["a"])
+    client = _store(["a"])
     ns = _ns(client, list_ttl=5.0, clock=clock)
     ns.listdir("")
     clock.now += 10
-    client.error = error
+    client.fail("list_page", error)
     with pytest.raises(type(error)):
         ns.listdir("")
     assert ns.offline_age("") is None
 
 
 def test_ttl_zero_still_keeps_the_last_listing_for_outages() -> None:
-    client = FakeListClient(["a"])
+    client = _store(["a"])
     ns = _ns(client, list_ttl=0)
     ns.listdir("")
-    client.error = StoreUnavailableError("down")
+    client.fail("list_page", StoreUnavailableError("down"))
     assert set(ns.listdir("")) == {"a"}
 
 
 def test_stale_listings_are_bounded_and_invalidated() -> None:
-    client = FakeListClient(["d1/a", "d2/b", "d3/c"])
+    client = _store(["d1/a", "d2/b", "d3/c"])
     ns = _ns(client, list_ttl=0, max_stale_dirs=2)
     for path in ("d1", "d2", "d3"):
         ns.listdir(path)
-    client.error = StoreUnavailableError("down")
+    client.fail("list_page", StoreUnavailableError("down"))
     with pytest.raises(StoreUnavailableError):
         ns.listdir("d1")  # the least recently listed was pushed out
     assert set(ns.listdir("d3")) == {"c"}

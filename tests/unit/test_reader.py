@@ -1,20 +1,21 @@
-"""PartFetcher and ObjectReader with a fake client and a real PartCache on disk."""
+"""PartFetcher and ObjectReader over a MemoryStore (behind a FaultyStore) and a real PartCache."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import ossfs_resume
 from ossfs_resume.cache import PartCache, PartId, object_id
 from ossfs_resume.client import ObjectMeta
 from ossfs_resume.engine import ObjectRef, PartFetcher
@@ -24,6 +25,7 @@ from ossfs_resume.errors import (
     PreconditionFailedError,
     StoreUnavailableError,
 )
+from ossfs_resume.objectstore import FaultyStore, MemoryStore
 from ossfs_resume.prefetch import prefetch_object
 from ossfs_resume.reader import ObjectReader
 
@@ -48,50 +50,20 @@ class Call:
     if_match: str | None
 
 
-class FakeClient:
-    """Serves one object's bytes; records calls; can be slowed, blocked or made to fail."""
+def _store(data: bytes) -> FaultyStore[MemoryStore]:
+    """The object in a MemoryStore, behind a FaultyStore to fail or hold its GETs."""
+    memory = MemoryStore("bkt", endpoint="http://fake")
+    memory.put(KEY, data, etag=ETAG, mtime=1_700_000_000.0)
+    return FaultyStore(memory)
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.calls: list[Call] = []
-        self.delay = 0.0
-        self.gate: threading.Event | None = None  # when set: calls wait for it
-        self.error: Exception | None = None
-        self.active = 0
-        self.max_active = 0
-        self._lock = threading.Lock()
 
-    def get_range(
-        self,
-        key: str,
-        start: int,
-        end: int,
-        *,
-        if_match: str | None = None,
-        into: bytearray | memoryview | None = None,
-    ) -> bytearray | memoryview:
-        with self._lock:
-            self.calls.append(Call(key, start, end, if_match))
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-        try:
-            if self.gate is not None:
-                assert self.gate.wait(10), "test gate never opened"
-            if self.delay:
-                time.sleep(self.delay)
-            if self.error is not None:
-                raise self.error
-            chunk = self.data[start : end + 1]
-            buf = bytearray(len(chunk)) if into is None else into
-            buf[: len(chunk)] = chunk
-            return buf
-        finally:
-            with self._lock:
-                self.active -= 1
+def _gets(store: FaultyStore[MemoryStore]) -> list[Call]:
+    """The GETs the engine made, in order."""
+    return [Call(c.key, c.start or 0, c.end or 0, c.if_match) for c in store.calls_to("get_range")]
 
-    def parts_fetched(self) -> list[int]:
-        with self._lock:
-            return sorted(c.start // PART for c in self.calls)
+
+def _parts_fetched(store: FaultyStore[MemoryStore]) -> list[int]:
+    return sorted(start // PART for start, _ in store.ranges())
 
 
 def _ref(size: int, etag: str = ETAG) -> ObjectRef:
@@ -103,7 +75,7 @@ def _ref(size: int, etag: str = ETAG) -> ObjectRef:
 def make_fetcher(cache: PartCache) -> Iterator[Callable[..., PartFetcher]]:
     fetchers: list[PartFetcher] = []
 
-    def make(client: FakeClient, **kwargs: Any) -> PartFetcher:
+    def make(client: FaultyStore[MemoryStore], **kwargs: Any) -> PartFetcher:
         fetcher = PartFetcher(client, cache, **kwargs)  # type: ignore[arg-type]
         fetchers.append(fetcher)
         return fetcher
@@ -128,6 +100,27 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+_ENGINE = os.path.dirname(ossfs_resume.__file__) + os.sep
+
+
+def _blocked_in_engine(thread: threading.Thread) -> bool:
+    """True if `thread` is parked in a wait (an event, a future, a join) inside ossfs_resume.
+
+    Observes where a thread is instead of sleeping in the hope it got there.
+    """
+    frame = sys._current_frames().get(thread.ident or -1)
+    waits = ("wait", "_wait_for_tstate_lock")
+    if frame is None or frame.f_code.co_filename != threading.__file__:
+        return False
+    if frame.f_code.co_name not in waits:
+        return False
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_ENGINE):
+            return True
+        frame = frame.f_back
+    return False
+
+
 # -- PartFetcher -------------------------------------------------------------
 
 
@@ -135,8 +128,8 @@ def test_concurrent_readers_of_one_part_share_one_fetch(
     make_fetcher: Callable[..., PartFetcher],
 ) -> None:
     data = _payload(5 * PART)
-    client = FakeClient(data)
-    client.delay = 0.2
+    client = _store(data)
+    gate = client.hold("get_range")
     fetcher = make_fetcher(client)
     ref = _ref(len(data))
     barrier = threading.Barrier(8)
@@ -153,11 +146,15 @@ def test_concurrent_readers_of_one_part_share_one_fetch(
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
+    # All eight wait in the engine while one GET is held: seven on the fetch they share.
+    _wait_for(lambda: all(_blocked_in_engine(t) for t in threads))
+    assert gate.held == 1
+    gate.release()
     for t in threads:
         t.join(10)
     assert not errors
-    assert len(client.calls) == 1
-    assert client.calls[0] == Call(KEY, 2 * PART, 3 * PART - 1, ETAG)
+    assert client.count("get_range") == 1
+    assert _gets(client)[0] == Call(KEY, 2 * PART, 3 * PART - 1, ETAG)
     for i in range(8):
         assert results[i] == data[2 * PART + i * 10 : 2 * PART + i * 10 + 100]
     _wait_idle(fetcher)
@@ -165,7 +162,7 @@ def test_concurrent_readers_of_one_part_share_one_fetch(
 
 def test_fetched_part_is_cached(make_fetcher: Callable[..., PartFetcher], cache: PartCache) -> None:
     data = _payload(3 * PART)
-    client = FakeClient(data)
+    client = _store(data)
     fetcher = make_fetcher(client)
     ref = _ref(len(data))
     assert fetcher.read(ref, 1, 0, PART) == data[PART : 2 * PART]
@@ -173,24 +170,24 @@ def test_fetched_part_is_cached(make_fetcher: Callable[..., PartFetcher], cache:
     assert cache.has(ref.part_id(1))
     # Served from the cache: no second request.
     assert fetcher.read(ref, 1, 10, 20) == data[PART + 10 : PART + 30]
-    assert len(client.calls) == 1
+    assert client.count("get_range") == 1
 
 
 def test_short_last_part(make_fetcher: Callable[..., PartFetcher]) -> None:
     data = _payload(2 * PART + 123)
-    client = FakeClient(data)
+    client = _store(data)
     fetcher = make_fetcher(client)
     ref = _ref(len(data))
     assert fetcher.read(ref, 2, 0, PART) == data[2 * PART :]
-    assert client.calls == [Call(KEY, 2 * PART, 2 * PART + 122, ETAG)]
+    assert _gets(client) == [Call(KEY, 2 * PART, 2 * PART + 122, ETAG)]
 
 
 def test_precondition_failed_propagates_and_caches_nothing(
     make_fetcher: Callable[..., PartFetcher], cache: PartCache
 ) -> None:
     data = _payload(3 * PART)
-    client = FakeClient(data)
-    client.error = PreconditionFailedError("changed", status=412, key=KEY)
+    client = _store(data)
+    client.fail("get_range", PreconditionFailedError("changed", status=412, key=KEY))
     fetcher = make_fetcher(client)
     ref = _ref(len(data))
     with pytest.raises(PreconditionFailedError):
@@ -198,74 +195,76 @@ def test_precondition_failed_propagates_and_caches_nothing(
     assert not cache.has(ref.part_id(0))
     _wait_idle(fetcher)
     # Not stuck in flight: the next read tries again.
-    client.error = None
+    client.clear()
     assert fetcher.read(ref, 0, 0, 10) == data[:10]
-    assert len(client.calls) == 2
+    assert client.count("get_range") == 2
 
 
 def test_prefetch_respects_byte_budget(make_fetcher: Callable[..., PartFetcher]) -> None:
     data = _payload(20 * PART)
-    client = FakeClient(data)
-    client.gate = threading.Event()
+    client = _store(data)
+    gate = client.hold("get_range")
     fetcher = make_fetcher(client, max_parallel=8, max_inflight_bytes=3 * PART)
     ref = _ref(len(data))
     try:
         assert fetcher.prefetch(ref, range(0, 10)) == 3
-        _wait_for(lambda: client.active == 3)
-        time.sleep(0.05)  # give any extra fetch the chance to show up
-        assert client.active == 3
+        assert gate.wait_held(3)
+        assert client.active("get_range") == 3
         # Budget used up: nothing more is scheduled, even for other parts.
         assert fetcher.prefetch(ref, range(3, 10)) == 0
         # Parts already in flight are not scheduled twice.
         assert fetcher.prefetch(ref, range(0, 3)) == 0
     finally:
-        client.gate.set()
+        gate.release()
     _wait_idle(fetcher)
-    assert client.max_active == 3
-    assert client.parts_fetched() == [0, 1, 2]
+    # Idle, so the counts are final: never more than 3 GETs in flight, none for other parts.
+    assert client.max_active("get_range") == 3
+    assert _parts_fetched(client) == [0, 1, 2]
     # Budget is free again; cached parts are skipped.
     assert fetcher.prefetch(ref, range(0, 5)) == 2
     _wait_idle(fetcher)
-    assert client.parts_fetched() == [0, 1, 2, 3, 4]
+    assert _parts_fetched(client) == [0, 1, 2, 3, 4]
 
 
 def test_prefetch_stops_at_end_of_object(make_fetcher: Callable[..., PartFetcher]) -> None:
     data = _payload(2 * PART + 1)
-    client = FakeClient(data)
+    client = _store(data)
     fetcher = make_fetcher(client)
     ref = _ref(len(data))
     assert fetcher.prefetch(ref, range(1, 10)) == 2
     _wait_idle(fetcher)
-    assert client.parts_fetched() == [1, 2]
+    assert _parts_fetched(client) == [1, 2]
 
 
 def test_reader_waits_for_inflight_readahead(make_fetcher: Callable[..., PartFetcher]) -> None:
     data = _payload(4 * PART)
-    client = FakeClient(data)
-    client.gate = threading.Event()
+    client = _store(data)
+    gate = client.hold("get_range")
     fetcher = make_fetcher(client)
     ref = _ref(len(data))
     assert fetcher.prefetch(ref, [1]) == 1
-    _wait_for(lambda: client.active == 1)
+    assert gate.wait_held(1)
     result: list[bytes] = []
     reader = threading.Thread(target=lambda: result.append(fetcher.read(ref, 1, 5, 10)))
     reader.start()
-    time.sleep(0.05)
-    assert not result  # waiting on the in-flight read-ahead, not fetching again
-    client.gate.set()
+    _wait_for(lambda: _blocked_in_engine(reader))
+    # Waiting on the in-flight read-ahead, not fetching again (that GET would be held too).
+    assert gate.held == 1 and client.count("get_range") == 1
+    assert not result
+    gate.release()
     reader.join(5)
     assert result == [data[PART + 5 : PART + 15]]
-    assert len(client.calls) == 1
+    assert client.count("get_range") == 1
 
 
 def test_shutdown_does_not_strand_waiting_readers(cache: PartCache) -> None:
     data = _payload(4 * PART)
-    client = FakeClient(data)
-    client.gate = threading.Event()
+    client = _store(data)
+    gate = client.hold("get_range")
     fetcher = PartFetcher(client, cache, max_parallel=1)  # type: ignore[arg-type]
     ref = _ref(len(data))
     assert fetcher.prefetch(ref, [0, 1]) == 2  # part 1 queued behind part 0
-    _wait_for(lambda: client.active == 1)
+    assert gate.wait_held(1)
     outcome: list[object] = []
 
     def read_part_1() -> None:
@@ -276,11 +275,12 @@ def test_shutdown_does_not_strand_waiting_readers(cache: PartCache) -> None:
 
     reader = threading.Thread(target=read_part_1, daemon=True)
     reader.start()
-    time.sleep(0.05)
+    _wait_for(lambda: _blocked_in_engine(reader))  # waiting on the queued part 1
+    assert gate.held == 1
     stopper = threading.Thread(target=fetcher.shutdown, daemon=True)
     stopper.start()
-    time.sleep(0.05)
-    client.gate.set()
+    _wait_for(lambda: _blocked_in_engine(stopper))  # queued work cancelled, joining the pool
+    gate.release()
     stopper.join(5)
     reader.join(1)
     finished = not reader.is_alive()
@@ -304,9 +304,9 @@ def _setup_reader(
     max_readahead_parts: int = 8,
     tail: int = 0,
     **fetcher_kwargs: Any,
-) -> tuple[FakeClient, PartFetcher, ObjectReader, bytes]:
+) -> tuple[FaultyStore[MemoryStore], PartFetcher, ObjectReader, bytes]:
     data = _payload(parts * PART + tail)
-    client = FakeClient(data)
+    client = _store(data)
     fetcher = make_fetcher(client, **fetcher_kwargs)
     reader = ObjectReader(fetcher, _ref(len(data)), max_readahead_parts=max_readahead_parts)
     return client, fetcher, reader, data
@@ -331,7 +331,7 @@ def test_sequential_reads_grow_readahead_window(
         assert reader.read(i * PART, PART) == data[i * PART : (i + 1) * PART]
         _wait_idle(fetcher)
         # Every part up to the window's edge fetched exactly once, nothing beyond.
-        assert client.parts_fetched() == list(range(highest + 1)), f"after read {i}"
+        assert _parts_fetched(client) == list(range(highest + 1)), f"after read {i}"
 
 
 def test_sequential_small_reads_within_a_part(make_fetcher: Callable[..., PartFetcher]) -> None:
@@ -340,7 +340,7 @@ def test_sequential_small_reads_within_a_part(make_fetcher: Callable[..., PartFe
     for offset in range(0, PART, 100):
         assert reader.read(offset, 100) == data[offset : offset + 100]
     _wait_idle(fetcher)
-    assert client.parts_fetched() == [0, 1]
+    assert _parts_fetched(client) == [0, 1]
 
 
 def test_sequential_read_of_whole_object(make_fetcher: Callable[..., PartFetcher]) -> None:
@@ -355,7 +355,7 @@ def test_sequential_read_of_whole_object(make_fetcher: Callable[..., PartFetcher
         offset += len(chunk)
     assert bytes(out) == data
     _wait_idle(fetcher)
-    assert client.parts_fetched() == list(range(31))  # each part once, none past the end
+    assert _parts_fetched(client) == list(range(31))  # each part once, none past the end
 
 
 def test_random_reads_fetch_only_their_bytes_and_do_not_read_ahead(
@@ -372,8 +372,8 @@ def test_random_reads_fetch_only_their_bytes_and_do_not_read_ahead(
         expected.append(Call(KEY, offset, cut - 1, ETAG))
         if cut < offset + 100:
             expected.append(Call(KEY, cut, offset + 99, ETAG))
-        assert client.calls == expected
-    assert len(client.calls) == 9
+        assert _gets(client) == expected
+    assert client.count("get_range") == 9
     assert not any(cache.has(reader.ref.part_id(n)) for n in range(40))
 
 
@@ -386,14 +386,14 @@ def test_a_part_touched_twice_by_random_reads_is_cached_whole(
         assert reader.read(offset, 100) == data[offset : offset + 100]
     _wait_idle(fetcher)
     assert cache.has(pid)
-    assert Call(KEY, 20 * PART, 21 * PART - 1, ETAG) in client.calls
-    calls = len(client.calls)
+    assert Call(KEY, 20 * PART, 21 * PART - 1, ETAG) in _gets(client)
+    calls = client.count("get_range")
     again = ObjectReader(fetcher, reader.ref, max_readahead_parts=8)  # a new open of the file
     assert again.read(20_400, 300) == data[20_400:20_700]  # from the cache now
     assert again.read(5_000, 100) == data[5_000:5_100]  # part 5 touched twice: cached too
     _wait_idle(fetcher)
     assert cache.has(reader.ref.part_id(5))
-    assert len(client.calls) == calls + 2  # part 5's bytes, then part 5 whole
+    assert client.count("get_range") == calls + 2  # part 5's bytes, then part 5 whole
 
 
 def test_readahead_stops_at_end_of_object(make_fetcher: Callable[..., PartFetcher]) -> None:
@@ -401,7 +401,7 @@ def test_readahead_stops_at_end_of_object(make_fetcher: Callable[..., PartFetche
     for i in range(3):
         assert reader.read(i * PART, PART) == data[i * PART : (i + 1) * PART]
     _wait_idle(fetcher)
-    assert client.parts_fetched() == [0, 1, 2]
+    assert _parts_fetched(client) == [0, 1, 2]
 
 
 def test_reads_at_and_past_end(make_fetcher: Callable[..., PartFetcher]) -> None:
@@ -417,9 +417,9 @@ def test_reads_at_and_past_end(make_fetcher: Callable[..., PartFetcher]) -> None
 def test_read_across_part_boundaries(make_fetcher: Callable[..., PartFetcher]) -> None:
     client, _fetcher, reader, data = _setup_reader(make_fetcher, 6, max_readahead_parts=0)
     assert reader.read(PART - 10, 2 * PART + 20) == data[PART - 10 : 3 * PART + 10]
-    assert client.parts_fetched() == [0, 1, 2, 3]
+    assert _parts_fetched(client) == [0, 1, 2, 3]
     assert reader.read(0, 6 * PART) == data
-    assert len(client.calls) == 6
+    assert client.count("get_range") == 6
 
 
 def test_readahead_in_flight_is_bounded_by_budget(
@@ -428,21 +428,21 @@ def test_readahead_in_flight_is_bounded_by_budget(
     client, fetcher, reader, data = _setup_reader(
         make_fetcher, 40, max_readahead_parts=16, max_parallel=16, max_inflight_bytes=3 * PART
     )
-    client.delay = 0.02
+    client.delay("get_range", 0.02)
     for i in range(12):
         assert reader.read(i * PART, PART) == data[i * PART : (i + 1) * PART]
     _wait_idle(fetcher)
     # Read-ahead never takes in-flight bytes past the budget; the reader's own
     # fetch of a part that was not scheduled may add one more.
-    assert client.max_active <= 4
-    assert sorted(set(client.parts_fetched())) == client.parts_fetched()  # no part twice
+    assert client.max_active("get_range") <= 4
+    assert sorted(set(_parts_fetched(client))) == _parts_fetched(client)  # no part twice
 
 
 def test_readahead_failure_reaches_the_reader(make_fetcher: Callable[..., PartFetcher]) -> None:
     client, fetcher, reader, data = _setup_reader(make_fetcher, 10, max_readahead_parts=4)
     assert reader.read(0, PART) == data[:PART]
     _wait_idle(fetcher)
-    client.error = PreconditionFailedError("object changed", status=412, key=KEY)
+    client.fail("get_range", PreconditionFailedError("object changed", status=412, key=KEY))
     with pytest.raises(PreconditionFailedError):
         for i in range(1, 10):
             reader.read(i * PART, PART)
@@ -452,7 +452,7 @@ def test_precondition_failed_propagates_to_reader(
     make_fetcher: Callable[..., PartFetcher],
 ) -> None:
     client, fetcher, reader, _data = _setup_reader(make_fetcher, 10, max_readahead_parts=4)
-    client.error = PreconditionFailedError("object changed", status=412, key=KEY)
+    client.fail("get_range", PreconditionFailedError("object changed", status=412, key=KEY))
     with pytest.raises(PreconditionFailedError):
         reader.read(0, 10)
     _wait_idle(fetcher)
@@ -460,7 +460,7 @@ def test_precondition_failed_propagates_to_reader(
 
 def test_other_store_errors_propagate(make_fetcher: Callable[..., PartFetcher]) -> None:
     client, _fetcher, reader, _data = _setup_reader(make_fetcher, 4, max_readahead_parts=0)
-    client.error = StoreUnavailableError("down")
+    client.fail("get_range", StoreUnavailableError("down"))
     with pytest.raises(StoreUnavailableError):
         reader.read(PART, 10)
 
@@ -471,9 +471,9 @@ def test_every_fetch_is_pinned_to_the_etag(make_fetcher: Callable[..., PartFetch
         reader.read(i, 900)
     reader.read(5 * PART + 3, 10)
     _wait_idle(fetcher)
-    assert client.calls
-    assert {c.if_match for c in client.calls} == {ETAG}
-    assert {c.key for c in client.calls} == {KEY}
+    assert _gets(client)
+    assert {c.if_match for c in _gets(client)} == {ETAG}
+    assert {c.key for c in _gets(client)} == {KEY}
 
 
 def test_cached_parts_need_no_requests(
@@ -482,12 +482,12 @@ def test_cached_parts_need_no_requests(
     client, fetcher, reader, data = _setup_reader(make_fetcher, 5, max_readahead_parts=8)
     assert reader.read(0, 5 * PART) == data
     _wait_idle(fetcher)
-    calls = len(client.calls)
+    calls = client.count("get_range")
     second = ObjectReader(fetcher, reader.ref, max_readahead_parts=8)
     for i in range(5):
         assert second.read(i * PART, PART) == data[i * PART : (i + 1) * PART]
     _wait_idle(fetcher)
-    assert len(client.calls) == calls
+    assert client.count("get_range") == calls
 
 
 # -- writing behind the reader, verifying ahead of it --------------------------
@@ -497,7 +497,7 @@ def test_readers_get_a_part_before_it_is_written_to_the_cache(
     make_fetcher: Callable[..., PartFetcher], cache: PartCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _payload(2 * PART)
-    client = FakeClient(data)
+    client = _store(data)
     disk = threading.Event()
     real_store = cache.store
 
@@ -514,26 +514,26 @@ def test_readers_get_a_part_before_it_is_written_to_the_cache(
     assert not cache.has(pid)
     # ...and so is the next reader of that part, from memory, with no second GET.
     assert fetcher.read(ref, 0, 100, 50) == data[100:150]
-    assert len(client.calls) == 1
+    assert client.count("get_range") == 1
     durable: list[bool] = []
     waiter = threading.Thread(
         target=lambda: durable.append(bool(fetcher.fetch(ref, 0, durable=True)) and cache.has(pid))
     )
     waiter.start()
-    time.sleep(0.05)
+    _wait_for(lambda: _blocked_in_engine(waiter))
     assert not durable  # durable=True waits for the write
     disk.set()
     waiter.join(5)
     assert durable == [True]
     _wait_idle(fetcher)
-    assert len(client.calls) == 1
+    assert client.count("get_range") == 1
 
 
 def test_a_refused_cache_write_still_serves_the_reader(
     make_fetcher: Callable[..., PartFetcher], cache: PartCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _payload(PART)
-    client = FakeClient(data)
+    client = _store(data)
     monkeypatch.setattr(cache, "store", lambda pid, buf: False)
     fetcher = make_fetcher(client, max_recent_bytes=0)  # nothing kept in memory either
     ref = _ref(len(data))
@@ -541,14 +541,14 @@ def test_a_refused_cache_write_still_serves_the_reader(
     _wait_idle(fetcher)
     assert not cache.has(ref.part_id(0))
     assert fetcher.read(ref, 0, 0, 10) == data[:10]  # fetched again, not lost
-    assert len(client.calls) == 2
+    assert client.count("get_range") == 2
 
 
 def test_recently_fetched_parts_are_served_from_memory(
     make_fetcher: Callable[..., PartFetcher], cache: PartCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _payload(4 * PART)
-    client = FakeClient(data)
+    client = _store(data)
     fetcher = make_fetcher(client, max_recent_bytes=2 * PART)
     ref = _ref(len(data))
     for n in range(4):
@@ -565,14 +565,14 @@ def test_recently_fetched_parts_are_served_from_memory(
     for n in range(4):
         assert fetcher.read(ref, n, 10, 20) == data[n * PART + 10 : n * PART + 30]
     assert disk_reads == [0, 1]  # the last two parts fetched were still in memory
-    assert len(client.calls) == 4
+    assert client.count("get_range") == 4
 
 
 def test_the_budget_pushes_out_parts_already_read_before_parts_not_yet_read(
     make_fetcher: Callable[..., PartFetcher],
 ) -> None:
     data = _payload(6 * PART)
-    client = FakeClient(data)
+    client = _store(data)
     fetcher = make_fetcher(client, max_inflight_bytes=4 * PART)
     ref = _ref(len(data))
 
@@ -591,7 +591,7 @@ def test_the_budget_pushes_out_parts_already_read_before_parts_not_yet_read(
     assert in_memory() == [0, 2, 3, 4]
     fetcher.fetch(ref, 5, durable=True)  # then part 0; parts 2-4, never read, stay
     assert in_memory() == [2, 3, 4, 5]
-    assert len(client.calls) == 6
+    assert client.count("get_range") == 6
     for n in range(6):  # every byte still right, from memory or from the cache
         assert fetcher.read(ref, n, 0, PART) == data[n * PART : (n + 1) * PART]
 
@@ -600,7 +600,7 @@ def test_readahead_verifies_cached_parts_ahead_of_the_reader(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _payload(6 * PART)
-    client = FakeClient(data)
+    client = _store(data)
     ref = _ref(len(data))
     first = PartCache(tmp_path / "c")
     fetcher = PartFetcher(client, first)  # type: ignore[arg-type]
@@ -608,7 +608,7 @@ def test_readahead_verifies_cached_parts_ahead_of_the_reader(
         fetcher.fetch(ref, n, durable=True)
     fetcher.shutdown()
     first.close()
-    calls = len(client.calls)
+    calls = client.count("get_range")
 
     later = PartCache(tmp_path / "c")  # a remount: nothing verified in this process yet
     checked: list[str] = []
@@ -623,12 +623,12 @@ def test_readahead_verifies_cached_parts_ahead_of_the_reader(
         assert reader.read(PART, PART) == data[PART : 2 * PART]
         # Parts the reader has not reached are verified by read-ahead, not fetched.
         _wait_for(lambda: later.is_verified(ref.part_id(3)))
-        assert len(client.calls) == calls
+        assert client.count("get_range") == calls
         for n in range(2, 6):
             assert reader.read(n * PART, PART) == data[n * PART : (n + 1) * PART]
         _wait_idle(fetcher)
         assert len(checked) == 6  # each part checked once, by whoever got there first
-        assert len(client.calls) == calls
+        assert client.count("get_range") == calls
     finally:
         fetcher.shutdown()
         later.close()
@@ -638,9 +638,7 @@ def test_prefetch_of_a_file_the_cache_refuses_fails_with_one_clear_error(
     cache: PartCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _payload(3 * PART)
-    client = FakeClient(data)
-    client.config = SimpleNamespace(store_id="s3+http://fake", bucket="bkt")  # type: ignore[attr-defined]
-    client.describe = lambda key: f"s3://bkt/{key}"  # type: ignore[attr-defined]
+    client = _store(data)
 
     def full_disk(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -659,9 +657,7 @@ def test_prefetch_is_not_failed_by_a_concurrent_eviction_of_its_parts(
     cache: PartCache, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = _payload(3 * PART)
-    client = FakeClient(data)
-    client.config = SimpleNamespace(store_id="s3+http://fake", bucket="bkt")  # type: ignore[attr-defined]
-    client.describe = lambda key: f"s3://bkt/{key}"  # type: ignore[attr-defined]
+    client = _store(data)
     real_store = cache.store
 
     def store_then_evicted(pid: PartId, buf: memoryview) -> bool:
