@@ -68,6 +68,7 @@ from local_store import (  # noqa: E402
     LocalStore,
     load_sample_tree,
     make_sample_tree,
+    work_dir,
 )
 
 log = logging.getLogger("bench_mount")
@@ -81,7 +82,7 @@ RAND_COUNT = 200
 RAND_SIZE = 64 << 10
 RSS_INTERVAL = 0.05
 MOUNT_TIMEOUT = 60.0
-FSSPEC_VENV = Path(tempfile.gettempdir()) / "ossfs-bench-fsspec-venv"
+FSSPEC_VENV = work_dir() / "fsspec-venv"
 
 OSSFS = "ossfs-resume"
 S3FS = "s3fs-fuse"

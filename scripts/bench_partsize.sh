@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=("${@:-2M 4M 8M 16M 32M}")
-WORK="${OSSFS_BENCH_DIR:-/tmp/ossfs-resume-partsize}"
+WORK="${OSSFS_BENCH_DIR:-${OSSFS_RESUME_WORK:-${TMPDIR:-/tmp}/ossfs-resume-work}/partsize}"
 MNT="$WORK/mnt"
 mkdir -p "$MNT"
 cleanup() {

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-WORK="${OSSFS_DEMO_DIR:-/tmp/ossfs-resume-demo}"
+WORK="${OSSFS_DEMO_DIR:-${OSSFS_RESUME_WORK:-${TMPDIR:-/tmp}/ossfs-resume-work}/demo}"
 MNT="$WORK/mnt"
 BIN=.venv/bin/ossfs-resume
 mkdir -p "$WORK" "$MNT"

@@ -39,6 +39,7 @@ import string
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -86,6 +87,14 @@ CHUNK = 16 << 20
 
 class LocalStoreError(RuntimeError):
     """The local store could not be started, stopped or used; ``str()`` is one line."""
+
+
+def work_dir() -> Path:
+    """The one directory where tests, the demo and the benchmarks keep generated data:
+    ``$OSSFS_RESUME_WORK``, else ``ossfs-resume-work`` in the temp dir."""
+    return Path(
+        os.environ.get("OSSFS_RESUME_WORK") or Path(tempfile.gettempdir()) / "ossfs-resume-work"
+    )
 
 
 @dataclass

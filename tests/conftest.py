@@ -26,11 +26,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from local_store import LocalStore, load_odd_keys, load_sample_tree, make_sample_tree  # noqa: E402
+from local_store import (  # noqa: E402
+    LocalStore,
+    load_odd_keys,
+    load_sample_tree,
+    make_sample_tree,
+    work_dir,
+)
 from netproxy import NetProxy, ProxyConfig  # noqa: E402
 
 BIG_SIZE = int(os.environ.get("OSSFS_TEST_BIG_SIZE", str(1 << 30)))
-DATA_DIR = Path(os.environ.get("OSSFS_TEST_DATA", "/tmp/ossfs-resume-testdata"))
+#: Generated sample data (a 1 GiB file among it) is kept here between runs: under the one
+#: work dir of the project's scripts ($OSSFS_RESUME_WORK), or $OSSFS_TEST_DATA.
+DATA_DIR = Path(os.environ.get("OSSFS_TEST_DATA") or work_dir() / "testdata")
 CLI = [sys.executable, "-m", "ossfs_resume.cli"]
 FUSERMOUNT = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
 
