@@ -22,3 +22,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+
+# fstab and `mount -t fuse.ossfs-resume` find the program on the shell's default PATH only
+# (mount(8) passes helpers no PATH): say how to put it there, without touching system dirs.
+if [ ! -e /usr/local/bin/ossfs-resume ]; then
+    echo "setup: for fstab and mount -t fuse.ossfs-resume, run:" \
+        "$SUDO ln -s $(pwd)/.venv/bin/ossfs-resume /usr/local/bin/ossfs-resume" >&2
+fi

@@ -168,3 +168,18 @@ def test_bad_access_options_are_one_line(
     assert status == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_non_root_allow_other_needs_fuse_conf(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = cli.build_parser().parse_args(
+        ["mount", "s3://b/", "/m", "--endpoint", "http://h", "--allow-other"]
+    )
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(cli, "fuse_conf_allows_other", lambda: False)
+    with pytest.raises(UsageError, match=r"user_allow_other' in /etc/fuse\.conf"):
+        cli.check_allow_other(args)
+    monkeypatch.setattr(cli, "fuse_conf_allows_other", lambda: True)
+    cli.check_allow_other(args)
+    monkeypatch.setattr(cli, "fuse_conf_allows_other", lambda: False)
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    cli.check_allow_other(args)  # root needs no fuse.conf line
