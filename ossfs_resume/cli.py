@@ -32,6 +32,14 @@ from .client import (
 )
 from .download import CHECKPOINT_SUFFIX, DEFAULT_THREADS, MAX_THREADS
 from .errors import OssfsError, UsageError
+from .mountopts import (
+    file_and_dir_modes,
+    fuse_conf_allows_other,
+    helper_to_mount_argv,
+    is_helper_form,
+    parse_id,
+    parse_octal,
+)
 from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
 
 if TYPE_CHECKING:
@@ -200,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "needs root; 0 keeps the kernel's 128)",
     )
     _cache_limit_args(mount)
+    add_access_options(mount)
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     _common_args(mount)
 
@@ -247,6 +256,49 @@ def build_parser() -> argparse.ArgumentParser:
             _store_args(cmd, endpoint_required=False)
         _common_args(cmd)
     return parser
+
+
+def add_access_options(parser: argparse.ArgumentParser) -> None:
+    """Who may use a mount, and the owner and modes its files show."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users use the mount (non-root: needs user_allow_other in /etc/fuse.conf)",
+    )
+    group.add_argument(
+        "--allow-root", action="store_true", help="let root use the mount too (not other users)"
+    )
+    parser.add_argument("--uid", help="owner of every file and dir (default: yours)")
+    parser.add_argument("--gid", help="group of every file and dir (default: yours)")
+    parser.add_argument(
+        "--umask", help="octal, e.g. 022: bits cleared from both modes (unless given below)"
+    )
+    parser.add_argument("--file-mode", help="octal mode of files (default 0444)")
+    parser.add_argument("--dir-mode", help="octal mode of directories (default 0555)")
+
+
+def access_options(args: argparse.Namespace) -> dict[str, int]:
+    """MountOptions' uid, gid, file_mode and dir_mode from the mount's options."""
+    umask = parse_octal("--umask", args.umask, 0o777) if args.umask else None
+    file_mode = parse_octal("--file-mode", args.file_mode) if args.file_mode else None
+    dir_mode = parse_octal("--dir-mode", args.dir_mode) if args.dir_mode else None
+    files, dirs = file_and_dir_modes(file_mode, dir_mode, umask)
+    found: dict[str, int] = {"file_mode": files, "dir_mode": dirs}
+    if args.uid:
+        found["uid"] = parse_id("--uid", args.uid)
+    if args.gid:
+        found["gid"] = parse_id("--gid", args.gid)
+    return found
+
+
+def check_allow_other(args: argparse.Namespace) -> None:
+    """Non-root --allow-other/--allow-root without user_allow_other: one line, before mounting."""
+    wanted = "--allow-other" if args.allow_other else "--allow-root" if args.allow_root else ""
+    if wanted and os.geteuid() != 0 and not fuse_conf_allows_other():
+        raise UsageError(
+            f"{wanted} needs a line 'user_allow_other' in /etc/fuse.conf when not run as root"
+        )
 
 
 @dataclass(frozen=True)
@@ -352,6 +404,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     check_range("--max-parallel", args.max_parallel, 1, MAX_PARALLEL)
     check_range("--read-ahead-kb", args.read_ahead_kb, 0, MAX_READ_AHEAD_KB)
     cache_size, cache_min_free = cache_limits(args)
+    access = access_options(args)
+    check_allow_other(args)
     mountpoint = os.path.abspath(args.mountpoint)
     check_mountpoint(mountpoint)
     cache_dir = Path(args.cache_dir or default_cache_dir()).absolute()
@@ -393,6 +447,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         part_size=part_size,
         list_ttl=list_ttl,
         max_parallel=args.max_parallel,
+        **access,
     )
 
     def make_core() -> BucketFS:
@@ -424,6 +479,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             metadata_ttl=list_ttl,
             fsname=f"{url.protocol}://{url.bucket}/{prefix}",
             read_ahead_kb=max(0, args.read_ahead_kb),
+            allow_other=args.allow_other,
+            allow_root=args.allow_root,
         )
     except RuntimeError as exc:
         raise OssfsError(f"mount failed: {exc}") from None
@@ -799,6 +856,14 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if is_helper_form(argv):
+        # `mount -t fuse.ossfs-resume` / fstab: ossfs-resume SOURCE MOUNTPOINT -o OPTIONS.
+        try:
+            argv = helper_to_mount_argv(argv)
+        except UsageError as exc:
+            print(f"ossfs-resume: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

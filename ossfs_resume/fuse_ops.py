@@ -321,8 +321,14 @@ def run_mount(
     fsname: str,
     read_ahead_kb: int = 1024,
     debug: bool = False,
+    allow_other: bool = False,
+    allow_root: bool = False,
 ) -> None:
-    """Mount and serve until unmounted. In background mode libfuse forks first."""
+    """Mount and serve until unmounted. In background mode libfuse forks first.
+
+    `allow_other` lets every user in (the kernel still checks modes: default_permissions),
+    `allow_root` root as well as the owner; at most one of them.
+    """
     fuse = _load_mfusepy()
     options: dict[str, Any] = {
         "foreground": foreground,
@@ -332,6 +338,10 @@ def run_mount(
         "subtype": "ossfs-resume",
         "default_permissions": True,
     }
+    if allow_other:
+        options["allow_other"] = True
+    elif allow_root:
+        options["allow_root"] = True
 
     adapter = FuseAdapter(
         make_core,

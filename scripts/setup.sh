@@ -52,4 +52,10 @@ if [ ! -e "$stamp" ] || ! .venv/bin/python -c 'import ossfs_resume' >/dev/null 2
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
     rm -f .venv/.ossfs-resume-installed-*
     touch "$stamp"
+    # fstab and `mount -t fuse.ossfs-resume` find the program on the shell's default PATH
+    # only (mount(8) passes helpers no PATH): say how to put it there, touching no system dir.
+    if [ ! -e /usr/local/bin/ossfs-resume ]; then
+        echo "setup: for fstab and mount -t fuse.ossfs-resume, run:" \
+            "$SUDO ln -s $(pwd)/.venv/bin/ossfs-resume /usr/local/bin/ossfs-resume" >&2
+    fi
 fi
