@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 
@@ -42,6 +43,14 @@ def _install(handler: logging.Handler, level: int, fmt: str = _FORMAT) -> None:
     logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
+class _PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
+    """WatchedFileHandler whose reopened files are owner-only too (not the umask's)."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def file_handler(path: str | Path) -> logging.Handler:
     """A handler appending to `path`, created owner-only (the log names buckets, keys and
     ETags), reopened when the file is moved or removed (logrotate)."""
@@ -51,7 +60,7 @@ def file_handler(path: str | Path) -> logging.Handler:
     with contextlib.suppress(OSError):
         if os.stat(path).st_uid == os.geteuid():
             os.chmod(path, 0o600)
-    return logging.handlers.WatchedFileHandler(path)
+    return _PrivateWatchedFileHandler(path)
 
 
 def setup_logging(verbose: int, log_file: str | None) -> None:
