@@ -7,7 +7,7 @@ anything is mounted or written.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import logging
 import math
 import os
@@ -32,6 +32,7 @@ from .client import (
 )
 from .download import CHECKPOINT_SUFFIX, DEFAULT_THREADS, MAX_THREADS
 from .errors import OssfsError, UsageError
+from .logs import check_port_free, setup_background_logging, setup_logging
 from .mountopts import (
     file_and_dir_modes,
     fuse_conf_allows_other,
@@ -134,6 +135,10 @@ def _store_args(parser: argparse.ArgumentParser, *, endpoint_required: bool = Tr
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    if not any("--config" in a.option_strings for a in parser._actions):
+        parser.add_argument(
+            "--config", metavar="FILE", help="TOML file of option values (flags override it)"
+        )
     parser.add_argument("--log-file", help="write logs here (background mounts log nowhere else)")
 
 
@@ -210,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_limit_args(mount)
     add_access_options(mount)
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    mount.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port (http://ADDRESS:PORT/metrics)",
+    )
+    mount.add_argument("--metrics-address", default="127.0.0.1", help="address to serve metrics on")
     _common_args(mount)
 
     prefetch = sub.add_parser(
@@ -249,12 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = cache_sub.add_parser(name, help=text)
         cmd.add_argument("--cache-dir", help="the cache dir (default as mount)")
+        if name == "stats":
+            cmd.add_argument("--json", action="store_true", help="the raw figures, as JSON")
         if name == "clear":
             cmd.add_argument(
                 "targets", nargs="*", metavar="PATH", help="files in a mount, or oss://BUCKET/KEY"
             )
             _store_args(cmd, endpoint_required=False)
         _common_args(cmd)
+    add_service_parsers(sub)
     return parser
 
 
@@ -438,9 +452,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
             f"ossfs-resume: warning: {unusable}; the mount reads straight from the store",
             file=sys.stderr,
         )
-    if not args.foreground and not args.log_file and cache_usable:
-        args.log_file = str(cache_dir / "ossfs-resume.log")
-        _setup_logging(args)
+    if args.metrics_port is not None:
+        check_range("--metrics-port", args.metrics_port, 0, 65535)
+        check_port_free(args.metrics_address, args.metrics_port)
+    if not args.foreground and not args.log_file:
+        # Background: syslog/journald when there is one, else a file in the cache dir.
+        setup_background_logging(
+            args.verbose, cache_dir / "ossfs-resume.log" if cache_usable else None
+        )
 
     options = MountOptions(
         prefix=prefix,
@@ -481,6 +500,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             read_ahead_kb=max(0, args.read_ahead_kb),
             allow_other=args.allow_other,
             allow_root=args.allow_root,
+            metrics_address=args.metrics_address,
+            metrics_port=args.metrics_port,
         )
     except RuntimeError as exc:
         raise OssfsError(f"mount failed: {exc}") from None
@@ -640,9 +661,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
         cache = _open_cache_for_command(cache_dir, repair=False)
         try:
             if args.cache_command == "stats":
-                for name, value in cache.stats().items():
-                    shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-                    print(f"{name:14} {shown}")
+                from .metrics import cache_stats_text
+
+                stats = cache.stats()
+                print(json.dumps(stats) if args.json else cache_stats_text(stats))
             elif args.cache_command == "verify":
                 checked, bad = cache.verify_all()
                 for path in bad:
@@ -662,33 +684,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING
-    if args.verbose == 1:
-        level = logging.INFO
-    elif args.verbose >= 2:
-        level = logging.DEBUG
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler: logging.Handler
-    if getattr(args, "log_file", None):
-        # The log names buckets, keys and ETags: readable by its owner only.
-        fd = os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            if os.stat(args.log_file).st_uid == os.geteuid():
-                os.chmod(args.log_file, 0o600)
-        handler = logging.FileHandler(args.log_file)
-        level = min(level, logging.INFO)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
-    )
-    root.addHandler(handler)
-    root.setLevel(level)
-    # urllib3 logs every retry with full URLs; ours are enough.
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    setup_logging(args.verbose, getattr(args, "log_file", None))
 
 
 def add_download_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -852,10 +848,62 @@ COMMANDS = {
     "prefetch": cmd_prefetch,
     "download": cmd_download,
     "cache": cmd_cache,
+    "stats": lambda args: cmd_stats(args),
+    "config": lambda args: cmd_config(args),
 }
 
 
+def add_service_parsers(sub: Any) -> None:
+    """``stats MOUNTPOINT`` and ``config show``: running as a service."""
+    stats = sub.add_parser("stats", help="live figures of a running mount (needs --metrics-port)")
+    stats.add_argument("mountpoint")
+    stats.add_argument("--json", action="store_true", help="the figures as JSON")
+    _common_args(stats)
+    config = sub.add_parser("config", help="the effective configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser(
+        "show", help="each option's value and where it comes from (default, config file, flag)"
+    )
+    show.add_argument("--config", metavar="FILE", help="TOML config file")
+    show.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND [OPTIONS]",
+        help="the command (default: mount) and its options",
+    )
+    _common_args(show)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .metrics import METRICS_XATTR, format_summary, scrape, summarize, summary_json
+
+    try:
+        url = os.getxattr(args.mountpoint, METRICS_XATTR).decode()
+    except OSError:
+        raise UsageError(
+            f"{args.mountpoint} is not an ossfs-resume mount serving metrics "
+            "(mount it with --metrics-port)"
+        ) from None
+    try:
+        summary = summarize(scrape(url))
+    except OSError as exc:
+        raise OssfsError(f"cannot read the metrics of {args.mountpoint} at {url}: {exc}") from None
+    print(summary_json(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import show_config
+
+    rest = list(args.rest)
+    command = rest.pop(0) if rest and not rest[0].startswith("-") else "mount"
+    print(show_config(build_parser(), command, rest, args.config), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .config import parse_with_config
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if is_helper_form(argv):
         # `mount -t fuse.ossfs-resume` / fstab: ossfs-resume SOURCE MOUNTPOINT -o OPTIONS.
@@ -865,7 +913,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ossfs-resume: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_with_config(parser, argv)
+    except UsageError as exc:
+        print(f"ossfs-resume: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         _setup_logging(args)
     except OSError as exc:

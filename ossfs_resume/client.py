@@ -176,11 +176,21 @@ class RequestCounters:
     list: int = 0
     retries: int = 0
     bytes_received: int = 0
+    #: Answers by (kind: head/get/list, HTTP status or "error" when none came): metrics.
+    responses: dict[tuple[str, str], int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
+
+    def add_response(self, kind: str, status: str) -> None:
+        with self._lock:
+            self.responses[kind, status] = self.responses.get((kind, status), 0) + 1
+
+    def by_status(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self.responses)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -456,6 +466,7 @@ class StoreClient:
     ) -> requests.Response:
         """Send with retries on connection errors, 429 and 5xx; raise mapped errors."""
         query = dict(query or {})
+        kind = "head" if method == "HEAD" else "list" if "list-type" in query else "get"
         attempt = 0
         while True:
             attempt += 1
@@ -472,6 +483,7 @@ class StoreClient:
             try:
                 resp = self._send(method, url, path, qs, hdrs, stream)
             except requests.exceptions.SSLError as exc:
+                self.counters.add_response(kind, "error")
                 reason, permanent = _tls_reason(exc)
                 if permanent:
                     # Retrying cannot fix a certificate, and the store is not down.
@@ -492,6 +504,7 @@ class StoreClient:
                 requests.Timeout,
                 requests.exceptions.ChunkedEncodingError,  # a body cut short
             ) as exc:
+                self.counters.add_response(kind, "error")
                 reason = _connection_reason(exc)
                 # A probe of a store already down gets one attempt: it fails in one timeout.
                 if attempt >= self.config.max_attempts or probing:
@@ -510,6 +523,7 @@ class StoreClient:
                 resp.status_code,
                 (time.monotonic() - started) * 1000,
             )
+            self.counters.add_response(kind, str(resp.status_code))
             self._answered = True
             if self._down_since is not None:
                 self._mark_up()  # any answer, even an error status, means it is reachable

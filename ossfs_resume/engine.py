@@ -156,6 +156,11 @@ class PartFetcher:
             max_workers=max(2, max_parallel // 2), thread_name_prefix="store"
         )
 
+    def inflight(self) -> tuple[int, int]:
+        """(parts, bytes) being fetched right now: for metrics."""
+        with self._lock:
+            return len(self._inflight), self._inflight_bytes
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 from .core import BucketFS, FsError
 from .errors import OssfsError
+from .metrics import METRICS_XATTR, MountMetrics
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,15 @@ class FuseAdapter:
         read_ahead_kb: int = 1024,
         fsname: str = "",
         error_type: Callable[[int], OSError] | None = None,
+        metrics: MountMetrics | None = None,
+        metrics_address: str = "127.0.0.1",
+        metrics_port: int | None = None,
     ) -> None:
         self.make_core = make_core
+        # Timers of the FUSE calls; the HTTP server starts in init (after the fork).
+        self.metrics = metrics
+        self.metrics_address = metrics_address
+        self.metrics_port = metrics_port
         self.mountpoint = mountpoint
         self.ttl = metadata_ttl if metadata_ttl != float("inf") else 86400.0
         self.read_ahead_kb = read_ahead_kb
@@ -195,10 +203,20 @@ class FuseAdapter:
         self._paths: dict[int, str] = {}
 
     def _call(self, op: str, path: str, fn: Callable[..., Any], *args: Any) -> Any:
+        metrics = self.metrics
+        if metrics is None:
+            try:
+                return fn(*args)
+            except Exception as exc:
+                raise self.error_type(fuse_errno(op, path, exc)) from None
+        started = time.perf_counter()
         try:
             return fn(*args)
         except Exception as exc:
+            metrics.failed(op)
             raise self.error_type(fuse_errno(op, path, exc)) from None
+        finally:
+            metrics.timer(op).observe(time.perf_counter() - started)
 
     def _core(self) -> BucketFS:
         if self.core is None:  # a callback before init, or after init failed
@@ -213,6 +231,17 @@ class FuseAdapter:
         # A core that cannot be built fails the mount (mfusepy aborts on an error in
         # init), after one line saying why.
         self.core = self._call("init", self.mountpoint, self.make_core)
+        if self.metrics is not None and self.metrics_port is not None:
+            try:
+                self.metrics.serve(self.metrics_address, self.metrics_port)
+            except OSError as exc:
+                # The mount is up and serving: no metrics is no reason to fail it.
+                log.error(
+                    "cannot serve metrics at %s:%d: %s; the mount runs without them",
+                    self.metrics_address,
+                    self.metrics_port,
+                    exc.strerror or exc,
+                )
         if self.read_ahead_kb > 0:
             # The mount shows in mountinfo only once INIT is answered: tune it later.
             threading.Thread(
@@ -225,6 +254,8 @@ class FuseAdapter:
 
     def destroy(self, path: str) -> None:
         self.destroyed = True
+        if self.metrics is not None:
+            self.metrics.close()
         if self.core is not None:
             self.core.close()  # logs its own failures, step by step
             log.info("unmounted %s", self.mountpoint)
@@ -283,22 +314,41 @@ class FuseAdapter:
     def read_into(self, fi: Any, offset: int, view: memoryview) -> int:
         # The hot path: no closure, and the path looked up only for a failure's log line.
         fh = fi.fh
+        metrics = self.metrics
+        started = time.perf_counter() if metrics is not None else 0.0
         try:
-            return self._core().read_into(fh, offset, view)
+            n = self._core().read_into(fh, offset, view)
         except Exception as exc:
             path = self._paths.get(fh, f"<handle {fh}>")
+            if metrics is not None:
+                metrics.failed("read")
+                metrics.timer("read").observe(time.perf_counter() - started)
             raise self.error_type(fuse_errno("read", path, exc)) from None
+        if metrics is not None:
+            metrics.timer("read").observe(time.perf_counter() - started)
+            metrics.read_bytes.inc(n)
+        return n
 
     def release(self, path: str, fi: Any) -> int:
         self._paths.pop(fi.fh, None)
         self._call("release", path, lambda: self._core().release(fi.fh))
         return 0
 
+    def _metrics_url(self, path: str) -> str | None:
+        """The metrics endpoint, shown on the mount's root (for `ossfs-resume stats`)."""
+        if path != "/" or self.metrics is None:
+            return None
+        return self.metrics.url
+
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        url = self._metrics_url(path) if name == METRICS_XATTR else None
+        if url is not None:
+            return url.encode()
         return self._call("getxattr", path, lambda: self._core().getxattr(path, name))
 
     def listxattr(self, path: str) -> list[str]:
-        return self._call("listxattr", path, lambda: self._core().listxattr(path))
+        names = self._call("listxattr", path, lambda: self._core().listxattr(path))
+        return [*names, METRICS_XATTR] if self._metrics_url(path) else names
 
     def statfs(self, path: str) -> dict[str, int]:
         return self._call("statfs", path, lambda: self._core().statfs())
@@ -323,6 +373,8 @@ def run_mount(
     debug: bool = False,
     allow_other: bool = False,
     allow_root: bool = False,
+    metrics_address: str = "127.0.0.1",
+    metrics_port: int | None = None,
 ) -> None:
     """Mount and serve until unmounted. In background mode libfuse forks first.
 
@@ -350,7 +402,11 @@ def run_mount(
         read_ahead_kb=read_ahead_kb,
         fsname=fsname,
         error_type=fuse.FuseOSError,
+        metrics_address=metrics_address,
+        metrics_port=metrics_port,
     )
+    if metrics_port is not None:
+        adapter.metrics = MountMetrics(lambda: adapter.core)
     try:
         # mfusepy's documented interface: a plain FUSE, the callbacks on the adapter.
         fuse.FUSE(adapter, mountpoint, raw_fi=True, **options)

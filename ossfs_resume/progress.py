@@ -43,6 +43,8 @@ class ProgressReporter:
         *,
         mode: ProgressMode = "auto",
         stream: TextIO | None = None,
+        interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if mode not in ("auto", "always", "never"):
             raise ValueError(f"bad progress mode {mode!r}")
@@ -53,6 +55,11 @@ class ProgressReporter:
             self.enabled = bool(isatty and isatty())
         else:
             self.enabled = mode == "always"
+        # Off a terminal (auto mode): a progress line every `interval` seconds instead.
+        self.periodic = mode == "auto" and not self.enabled
+        self.interval = interval
+        self._clock = clock
+        self._last_line = 0.0
         self.consumed: int | None = None
         self.total: int | None = None
         self._first: int = 0
@@ -66,13 +73,34 @@ class ProgressReporter:
         if self.consumed is not None and consumed < self.consumed:
             return
         self.consumed, self.total = consumed, total
+        if self.periodic and self._clock() - self._last_line >= self.interval:
+            self._line()
         if self._bar is not None:
             if self._bar.total != total:
                 self._bar.total = total
             self._bar.update(consumed - self._bar.n)
 
+    def _line(self) -> None:
+        """``KEY: 1.2 GiB of 4.0 GiB (30%), 85.3 MiB/s, ETA 36 s`` on the stream."""
+        now = self._clock()
+        self._last_line = now
+        if self._started is None or self.consumed is None or not self.total:
+            return
+        elapsed = now - self._started
+        if elapsed <= 0:
+            return
+        rate = (self.consumed - self._first) / elapsed
+        left = self.total - self.consumed
+        eta = f"{left / rate:.0f} s" if rate > 0 else "unknown"
+        self.stream.write(
+            f"{self.desc}: {_format_bytes(self.consumed)} of {_format_bytes(self.total)} "
+            f"({self.consumed / self.total:.0%}), {_format_bytes(rate)}/s, ETA {eta}\n"
+        )
+        self.stream.flush()
+
     def _start(self, consumed: int, total: int) -> None:
-        self._started = time.monotonic()
+        self._started = self._clock()
+        self._last_line = self._started
         self._first = consumed
         if self.enabled:
             from tqdm import tqdm
@@ -102,7 +130,7 @@ class ProgressReporter:
             return
         if self._started is None or self.consumed is None or self.total is None:
             return
-        elapsed = max(time.monotonic() - self._started, 1e-6)
+        elapsed = max(self._clock() - self._started, 1e-6)
         moved = self.consumed - self._first
         state = "finished" if self.consumed >= self.total else "stopped"
         log.info(

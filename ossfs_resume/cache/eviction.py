@@ -76,6 +76,9 @@ class Evictor:
         self._before_pass = before_pass
         self._wake = threading.Event()
         self._stop = threading.Event()
+        #: Parts and bytes this process evicted since it started: for metrics.
+        self.evicted_parts = 0
+        self.evicted_bytes = 0
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
         self.last_pass: tuple[int, int] = (0, 0)  # (parts, bytes) of the last background pass
@@ -212,4 +215,6 @@ class Evictor:
                 self.limits.max_bytes,
             )
         self.last_pass = (evicted, freed)
+        self.evicted_parts += evicted
+        self.evicted_bytes += freed
         return evicted, freed

@@ -163,6 +163,7 @@ class PartCache:
         self._dropped: cachetools.LRUCache[PartId, int] = cachetools.LRUCache(maxsize=4096)
         self.hits = 0
         self.misses = 0
+        self.fetched_bytes = 0
         self._unflushed = {"hits": 0, "misses": 0, "fetched": 0}
         self._open_index(first=True)
         self.limits = self._settle_limits(max_bytes, min_free_bytes)
@@ -709,6 +710,8 @@ class PartCache:
                 self.hits += amount
             elif name == "misses":
                 self.misses += amount
+            elif name == "fetched":
+                self.fetched_bytes += amount
 
     def note_fetched(self, nbytes: int) -> None:
         self._count("fetched", nbytes)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import random
-import re
 import signal
 import subprocess
 import threading
@@ -163,8 +163,8 @@ def test_reading_3x_the_cache_size_stays_within_the_limit_and_keeps_the_hot_file
     # The limit, plus at most one part per reader in flight.
     assert peak <= limit + 2 * MIB, peak
     mounter.unmount(mount)
-    stats = run_cli(["cache", "stats", "--cache-dir", str(mount.cache_dir)]).stdout
-    cached = int(re.search(r"^bytes\s+(\d+)", stats, re.M).group(1))
+    stats = run_cli(["cache", "stats", "--json", "--cache-dir", str(mount.cache_dir)]).stdout
+    cached = json.loads(stats)["bytes"]
     assert cached <= limit + 2 * MIB
     # The hot file survived the scan of 72 MiB of cold data.
     proxy.reset_counts()
@@ -311,9 +311,8 @@ def test_an_unusable_cache_dir_degrades_to_direct_reads(
 def _wait_for_parts(cache_dir: Path, count: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        stats = run_cli(["cache", "stats", "--cache-dir", str(cache_dir)]).stdout
-        fields = dict(line.split(None, 1) for line in stats.splitlines())
-        if int(fields["parts"]) >= count:
+        stats = run_cli(["cache", "stats", "--json", "--cache-dir", str(cache_dir)]).stdout
+        if json.loads(stats)["parts"] >= count:
             return
         assert time.monotonic() < deadline, stats
         time.sleep(0.1)
@@ -329,8 +328,8 @@ def test_cache_stats_and_clear(mounter: Mounter, sample_tree: dict[str, Path]):
     result = run_cli(["cache", "clear", str(mount.path / key)], env=store_env(mounter.store))
     assert result.returncode == 0 and "cleared" in result.stdout, result.stderr
     mounter.unmount(mount)
-    stats = run_cli(["cache", "stats", "--cache-dir", str(mount.cache_dir)]).stdout
-    fields = dict(line.split(None, 1) for line in stats.splitlines())
+    stats = run_cli(["cache", "stats", "--json", "--cache-dir", str(mount.cache_dir)]).stdout
+    fields = json.loads(stats)
     assert int(fields["parts"]) == 0
     assert int(fields["bytes_fetched"]) == sample_tree[key].stat().st_size
     hits, misses = int(fields["hits"]), int(fields["misses"])

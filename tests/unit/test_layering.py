@@ -9,7 +9,18 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ossfs_resume"
 
 #: Lower layers first; a module may import only from its own layer or below.
 LAYERS: list[set[str]] = [
-    {"errors", "parts", "checksum", "durable", "signing", "progress", "mountopts"},
+    {
+        "errors",
+        "parts",
+        "checksum",
+        "durable",
+        "signing",
+        "progress",
+        "mountopts",
+        "config",
+        "logs",
+        "metrics",
+    },
     {"client", "objectstore"},
     {"cache"},
     {"engine"},
