@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ossfs_resume"
 LAYERS: list[set[str]] = [
     {"errors", "parts", "checksum", "durable", "signing", "progress"},
     {"client", "objectstore"},
+    {"credentials"},
     {"cache"},
     {"engine"},
     {"reader", "prefetch", "download", "namespace"},
