@@ -280,9 +280,14 @@ class StoreOptions:
             addressing=args.addressing,
             anonymous=args.anonymous,
             ca_bundle=getattr(args, "ca_bundle", None),
-            credentials_file=getattr(args, "credentials_file", None),
+            # Absolute: a background mount resolves it after leaving the working directory.
+            credentials_file=_abspath(getattr(args, "credentials_file", None)),
             profile=getattr(args, "profile", None),
         )
+
+
+def _abspath(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 def make_client(
