@@ -27,9 +27,10 @@ from .client import (
     StoreConfig,
     ca_bundle_from_env,
     check_endpoint,
-    credentials_from_env,
     store_id,
 )
+from .credentials import ChainOptions
+from .credentials import resolve as resolve_credentials
 from .download import CHECKPOINT_SUFFIX, DEFAULT_THREADS, MAX_THREADS
 from .errors import OssfsError, UsageError
 from .logs import check_port_free, setup_background_logging, setup_logging
@@ -124,6 +125,14 @@ def _store_args(parser: argparse.ArgumentParser, *, endpoint_required: bool = Tr
     )
     parser.add_argument(
         "--anonymous", action="store_true", help="send unsigned requests even if keys are set"
+    )
+    parser.add_argument(
+        "--credentials-file",
+        metavar="FILE",
+        help="keys in s3fs/ossfs passwd format (AK:SK or BUCKET:AK:SK lines, mode 600)",
+    )
+    parser.add_argument(
+        "--profile", help="profile in ~/.aws (s3://) or ~/.ossutilconfig, ~/.aliyun (oss://)"
     )
     parser.add_argument(
         "--ca-bundle",
@@ -325,6 +334,8 @@ class StoreOptions:
     addressing: str = "auto"
     anonymous: bool = False
     ca_bundle: str | None = None
+    credentials_file: str | None = None
+    profile: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StoreOptions:
@@ -335,20 +346,28 @@ class StoreOptions:
             addressing=args.addressing,
             anonymous=args.anonymous,
             ca_bundle=getattr(args, "ca_bundle", None),
+            # Absolute: a background mount resolves it after leaving the working directory.
+            credentials_file=_abspath(getattr(args, "credentials_file", None)),
+            profile=getattr(args, "profile", None),
         )
+
+
+def _abspath(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 def make_client(
     url: BucketUrl, options: StoreOptions, *, pool_size: int = 16, **kw: Any
 ) -> StoreClient:
     """A client for `url`'s bucket, from typed options."""
-    creds = None if options.anonymous else credentials_from_env(url.protocol)  # type: ignore[arg-type]
+    chain = ChainOptions(options.credentials_file, options.profile, options.anonymous)
+    source = resolve_credentials(url.protocol, url.bucket, chain)
     config = StoreConfig(
         ca_bundle=resolve_ca_bundle(options.ca_bundle),
         protocol=url.protocol,  # type: ignore[arg-type]
         endpoint=options.endpoint.rstrip("/"),
         bucket=url.bucket,
-        credentials=creds,
+        credentials_provider=source,
         region=options.region,
         signature_version=options.signature_version,  # type: ignore[arg-type]
         addressing=options.addressing,  # type: ignore[arg-type]
@@ -541,6 +560,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
                     addressing=src.addressing,
                     anonymous=src.anonymous,
                     ca_bundle=args.ca_bundle,
+                    credentials_file=args.credentials_file,
+                    profile=args.profile,
                 )
                 cache_dir, part_size = src.cache_dir, src.part_size
             check_cache_dir(Path(cache_dir))
@@ -745,6 +766,9 @@ def resume_command(args: argparse.Namespace) -> str:
         argv.append("--anonymous")
     if getattr(args, "ca_bundle", None):
         argv += ["--ca-bundle", args.ca_bundle]
+    for option in ("credentials_file", "profile"):
+        if getattr(args, option, None):
+            argv += [f"--{option.replace('_', '-')}", getattr(args, option)]
     if str(args.part_size) != str(DEFAULT_PART_SIZE):
         argv += ["--part-size", str(args.part_size)]
     if args.threads != DEFAULT_THREADS:

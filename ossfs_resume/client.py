@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
+from typing import Protocol as TypingProtocol
 from urllib.parse import unquote_plus, urlsplit
 
 import requests
@@ -66,12 +67,30 @@ _OSS_REGION = re.compile(r"^oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com$")
 _IP_HOST = re.compile(r"^(\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:]+\]|localhost)$")
 
 
+class CredentialsProvider(TypingProtocol):
+    """Keys that may change (temporary credentials): asked for before every request.
+
+    ``name`` says where the keys come from, for messages (never the keys); ``hint`` is
+    added to an access-denied error. See ``credentials.py`` for the sources.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def hint(self) -> str: ...
+    @property
+    def anonymous(self) -> bool: ...  # True: get() always returns None
+    def get(self) -> Credentials | None: ...
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     protocol: Protocol
     endpoint: str  # scheme://host[:port]
     bucket: str
     credentials: Credentials | None = None  # None: anonymous, unsigned requests
+    # When set, used instead of `credentials`: its current keys sign each request.
+    credentials_provider: CredentialsProvider | None = field(default=None, compare=False)
     region: str | None = None
     signature_version: Literal["v4", "v1"] = "v4"  # OSS only
     addressing: Literal["auto", "path", "virtual"] = "auto"
@@ -93,6 +112,17 @@ class StoreConfig:
     @property
     def store_id(self) -> str:
         return store_id(self.protocol, self.endpoint)
+
+    @property
+    def anonymous(self) -> bool:
+        provider = self.credentials_provider
+        return self.credentials is None and (provider is None or provider.anonymous)
+
+    def current_credentials(self) -> Credentials | None:
+        """The keys to sign the next request with (None: unsigned)."""
+        if self.credentials_provider is not None:
+            return self.credentials_provider.get()
+        return self.credentials
 
     @property
     def effective_region(self) -> str:
@@ -441,7 +471,7 @@ class StoreClient:
         if cfg.protocol == "oss":
             # Without it OSS answers a bad range with 200 and the whole object.
             headers["x-oss-range-behavior"] = "standard"
-        creds = cfg.credentials
+        creds = cfg.current_credentials()
         if creds is None:
             return
         now = datetime.now(timezone.utc)
@@ -594,10 +624,19 @@ class StoreClient:
             return NotFoundError(f"{what}: no such object", **kwargs)
         if status == 403:
             hint = ""
+            provider = self.config.credentials_provider
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 hint = " (check the access key id and secret)"
-            elif self.config.credentials is None:
+            elif self.config.anonymous:
                 hint = " (no credentials set: anonymous access was refused)"
+            if provider is not None and provider.anonymous:
+                if provider.hint:
+                    hint = f"{hint[:-1]}; {provider.hint})"
+            elif provider is not None:
+                source = f"credentials from {provider.name}"
+                if provider.hint:
+                    source = f"{source}; {provider.hint}"
+                hint = f"{hint[:-1]}; {source})" if hint else f" ({source})"
             return AccessDeniedError(f"{text}{hint}", **kwargs)
         if status == 412:
             return PreconditionFailedError(

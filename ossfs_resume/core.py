@@ -320,7 +320,7 @@ class BucketFS:
             region=cfg.region,
             signature_version=cfg.signature_version,
             addressing=cfg.addressing,
-            anonymous=cfg.credentials is None,
+            anonymous=cfg.anonymous,
             cache_dir=str(self.cache.root),
             part_size=self.options.part_size,
         ).to_json()

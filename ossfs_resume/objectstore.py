@@ -72,6 +72,8 @@ class StoreSettings(Protocol):
     @property
     def credentials(self) -> Credentials | None: ...
     @property
+    def anonymous(self) -> bool: ...
+    @property
     def store_id(self) -> str: ...
 
 
@@ -186,6 +188,10 @@ class MemoryConfig:
     signature_version: str = "v4"
     addressing: str = "auto"
     credentials: Credentials | None = None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.credentials is None
 
     @property
     def store_id(self) -> str:

@@ -6,6 +6,7 @@ Every port SeaweedFS opens is bound to 127.0.0.1; the store never talks to anyth
 
 * an admin identity with a random access key pair, for uploading test data (boto3, SigV4);
 * ``anonymous`` with Read and List on the bucket, so unsigned requests can read and list.
+* with ``readers=N``, N more identities (``reader_keys``) with Read and List on the bucket.
   Requests with any ``Authorization`` header SeaweedFS cannot verify (``OSS ...``,
   ``OSS4-HMAC-SHA256 ...``) get 403 AccessDenied: an OSS-protocol client must send none.
 
@@ -227,6 +228,7 @@ class LocalStore:
         weed: str | None = None,
         detach: bool = False,
         extra_args: list[str] | None = None,
+        readers: int = 0,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.bucket = bucket
@@ -251,6 +253,16 @@ class LocalStore:
             40, string.ascii_letters + string.digits
         )
         self.ports: dict[str, int] = self._choose_ports(port, state.get("ports") or {})
+        # Extra identities with Read and List on the bucket only: (access key id, secret).
+        old_readers = [tuple(pair) for pair in state.get("readers") or []]
+        self.reader_keys: list[tuple[str, str]] = old_readers[:readers]
+        while len(self.reader_keys) < readers:
+            self.reader_keys.append(
+                (
+                    "LR" + _random_key(18, string.ascii_uppercase + string.digits),
+                    _random_key(40, string.ascii_letters + string.digits),
+                )
+            )
 
     # -- configuration ----------------------------------------------------------------
 
@@ -297,6 +309,7 @@ class LocalStore:
             "bucket": self.bucket,
             "ports": self.ports,
             "keys": {"id": self.access_key_id, "secret": self.access_key_secret},
+            "readers": [list(pair) for pair in self.reader_keys],
             "pid": self._pid,
         }
         path = self.workdir / STATE_FILE
@@ -321,6 +334,14 @@ class LocalStore:
                 },
             ]
         }
+        for i, (key_id, secret) in enumerate(self.reader_keys):
+            config["identities"].append(
+                {
+                    "name": f"reader{i}",
+                    "credentials": [{"accessKey": key_id, "secretKey": secret}],
+                    "actions": [f"Read:{self.bucket}", f"List:{self.bucket}"],
+                }
+            )
         path = self.workdir / S3_CONFIG_FILE
         path.write_text(json.dumps(config, indent=2) + "\n")
         path.chmod(0o600)

@@ -40,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import ipaddress
+import re
 import signal
 import socket
 import ssl
@@ -291,6 +292,9 @@ def _reset(transport: asyncio.BaseTransport) -> None:
     transport.abort()
 
 
+_KEY_ID = re.compile(r"Credential=([^/,\s]+)|^OSS ([^:\s]+):")
+
+
 def _parse_head(head: bytes) -> tuple[list[str], dict[str, str]]:
     """Start line fields and headers (lower-cased names; repeated names: last wins, except
     Transfer-Encoding, which is joined)."""
@@ -421,6 +425,7 @@ class NetProxy:
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
         self._requests: list[tuple[str, str, str | None]] = []
+        self._key_ids: collections.Counter[str] = collections.Counter()
         self._connections = 0
         self._fail_503_every = config.fail_503_every
         self._reset_every = config.reset_every
@@ -494,6 +499,12 @@ class NetProxy:
         with self._lock:
             return list(self._requests)
 
+    def key_ids(self) -> dict[str, int]:
+        """Requests by the access key id that signed them (SigV4 ``Credential=`` or OSS
+        ``OSS AK:``; "" when unsigned). Key ids only: a signature or secret is never kept."""
+        with self._lock:
+            return collections.Counter(self._key_ids)
+
     def connections(self) -> int:
         """Client connections accepted since start or the last reset_counts()."""
         with self._lock:
@@ -503,6 +514,7 @@ class NetProxy:
         with self._lock:
             self._counts.clear()
             self._requests.clear()
+            self._key_ids.clear()
             self._connections = 0
 
     def set_faults(self, *, fail_503_every: int = 0, reset_every: int = 0) -> None:
@@ -544,6 +556,11 @@ class NetProxy:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def _record_key_id(self, authorization: str) -> None:
+        match = _KEY_ID.search(authorization)
+        with self._lock:
+            self._key_ids[(match.group(1) or match.group(2)) if match else ""] += 1
 
     def _record(self, method: str, target: str, rng: str | None) -> str | None:
         with self._lock:
@@ -649,6 +666,7 @@ class NetProxy:
                     await _relay_raw(src, to_up)
                     break
                 action = self._record(method, target, headers.get("range"))
+                self._record_key_id(headers.get("authorization", ""))
                 item = _Pending(method, target, action)
                 if action == "503":
                     # Consume the body (so closing does not turn into a reset) unless the

@@ -35,6 +35,10 @@ from local_store import (  # noqa: E402
 )
 from netproxy import NetProxy, ProxyConfig  # noqa: E402
 
+# No test may ask a real instance metadata service (a non-loopback address) for keys.
+NO_METADATA = {"AWS_EC2_METADATA_DISABLED": "true", "ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true"}
+os.environ.update(NO_METADATA)
+
 BIG_SIZE = int(os.environ.get("OSSFS_TEST_BIG_SIZE", str(1 << 30)))
 #: Generated sample data (a 1 GiB file among it) is kept here between runs: under the one
 #: work dir of the project's scripts ($OSSFS_RESUME_WORK), or $OSSFS_TEST_DATA.
@@ -150,6 +154,7 @@ def proxy(store: LocalStore) -> Iterator[NetProxy]:
 
 def store_env(store: LocalStore, protocol: str = "s3") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OSS_"))}
+    env.update(NO_METADATA)
     if protocol == "s3":
         env["AWS_ACCESS_KEY_ID"] = store.access_key_id
         env["AWS_SECRET_ACCESS_KEY"] = store.access_key_secret

@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
         "metrics",
     },
     {"client", "objectstore"},
+    {"credentials"},
     {"cache"},
     {"engine"},
     {"reader", "prefetch", "download", "namespace"},
