@@ -212,7 +212,13 @@ class BucketFS:
         fetcher = self.fetcher
         try:
             oid = self.cache.note_version(
-                cfg.store_id, cfg.bucket, meta.key, meta.etag, meta.size, self.options.part_size
+                cfg.store_id,
+                cfg.bucket,
+                meta.key,
+                meta.etag,
+                meta.size,
+                self.options.part_size,
+                defer=True,  # recorded by the next flush: an open never waits for the write lock
             )
         except Exception as exc:
             # The cache's bookkeeping failed, not the file: read it around the cache.

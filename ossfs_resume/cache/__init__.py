@@ -66,7 +66,15 @@ class PartStore(Protocol):
     def check_health(self) -> None: ...
     def check_consistency(self, *, background: bool = False) -> int: ...
     def note_version(
-        self, store_id: str, bucket: str, key: str, etag: str, size: int, part_size: int
+        self,
+        store_id: str,
+        bucket: str,
+        key: str,
+        etag: str,
+        size: int,
+        part_size: int,
+        *,
+        defer: bool = False,
     ) -> str: ...
     def close(self) -> None: ...
 

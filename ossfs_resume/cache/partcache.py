@@ -165,6 +165,8 @@ class PartCache:
         self.misses = 0
         self.fetched_bytes = 0
         self._unflushed = {"hits": 0, "misses": 0, "fetched": 0}
+        # Object versions seen by opens, written by the next flush (note_version(defer=True)).
+        self._pending_versions: dict[str, ObjectRow] = {}
         self._open_index(first=True)
         self.limits = self._settle_limits(max_bytes, min_free_bytes)
         self.evictor = Evictor(
@@ -730,6 +732,11 @@ class PartCache:
             for pid in stale:
                 self._handles.pop(pid, None)
 
+        with self._lock:
+            versions, self._pending_versions = list(self._pending_versions.values()), {}
+        if versions:
+            self._record_versions(versions)
+
         def flush(index: PartIndex) -> None:
             index.add_counters(counts)
             index.touch_parts(touched.items())
@@ -802,12 +809,24 @@ class PartCache:
     # -- object versions --------------------------------------------------
 
     def note_version(
-        self, store_id: str, bucket: str, key: str, etag: str, size: int, part_size: int
+        self,
+        store_id: str,
+        bucket: str,
+        key: str,
+        etag: str,
+        size: int,
+        part_size: int,
+        *,
+        defer: bool = False,
     ) -> str:
         """Record the version of `key` in use; drop parts of the version it replaces.
 
         Returns the object id for this version. A version already recorded with
-        this part size costs one indexed read and no write.
+        this part size costs one indexed read and no write. With `defer` (a
+        mount's open), a new version is recorded by the next ``flush_access``
+        instead of now: parts are keyed by ETag, so a row written a second later
+        changes nothing a read sees, and an open does not queue behind the part
+        writes for the index's write lock.
         """
         oid = object_id(store_id, bucket, key, etag)
         nid = name_id(store_id, bucket, key)
@@ -818,26 +837,37 @@ class PartCache:
         row = self._with_index(known, None)
         if row is not None and row.oid == oid and part_size in row.part_sizes:
             return oid
+        version = (nid, ObjectRow(nid, oid, bucket, key, etag, size, (part_size,)))
+        if defer:
+            with self._lock:
+                self._pending_versions[nid] = version[1]
+            return oid
+        self._record_versions([version[1]])
+        return oid
 
-        def record(index: PartIndex) -> str | None:
+    def _record_versions(self, rows: list[ObjectRow]) -> None:
+        """Write object versions in one transaction; drop the parts of versions replaced."""
+
+        def record(index: PartIndex) -> list[tuple[ObjectRow, ObjectRow]]:
+            replaced = []
             with index.writing() as conn:
-                old = index.object_in(conn, nid)
-                if old is not None and old.oid == oid:
-                    sizes = tuple(sorted({*old.part_sizes, part_size}))
-                    index.put_object(conn, old._replace(part_sizes=sizes))
-                    return None
-                index.put_object(conn, ObjectRow(nid, oid, bucket, key, etag, size, (part_size,)))
-            if old is None:
-                return None
+                for row in rows:
+                    old = index.object_in(conn, row.name_id)
+                    if old is not None and old.oid == row.oid:
+                        sizes = tuple(sorted({*old.part_sizes, *row.part_sizes}))
+                        if sizes != old.part_sizes:
+                            index.put_object(conn, old._replace(part_sizes=sizes))
+                        continue
+                    index.put_object(conn, row)
+                    if old is not None:
+                        replaced.append((old, row))
+            return replaced
+
+        for old, row in self._with_index(record, []):
             log.info(
                 "%s changed (ETag %s -> %s); dropping the old version's cached parts",
-                key,
+                row.key,
                 old.etag,
-                etag,
+                row.etag,
             )
-            return old.oid
-
-        replaced = self._with_index(record, None)
-        if replaced:
-            self.drop_object(replaced)
-        return oid
+            self.drop_object(old.oid)

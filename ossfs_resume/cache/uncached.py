@@ -89,7 +89,15 @@ class UncachedParts:
         return 0
 
     def note_version(
-        self, store_id: str, bucket: str, key: str, etag: str, size: int, part_size: int
+        self,
+        store_id: str,
+        bucket: str,
+        key: str,
+        etag: str,
+        size: int,
+        part_size: int,
+        *,
+        defer: bool = False,
     ) -> str:
         return object_id(store_id, bucket, key, etag)
 

@@ -526,3 +526,26 @@ def test_a_reservation_of_a_dead_writer_is_taken_over(cache: PartCache) -> None:
     assert cache.store(_pid(), _data())
     assert cache.read(_pid(), 0, 4) == _data()[:4]
     assert cache.totals().bytes == PART  # the dead reservation no longer counts
+
+
+def test_a_deferred_version_is_recorded_by_the_next_flush(
+    cache: PartCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = cache.note_version(STORE, "bkt", "k", "e0", PART, PART)
+    assert cache.store(PartId(old, PART, 0), _data())
+    real_writing = PartIndex.writing
+    writes: list[str] = []
+
+    def counting(self: PartIndex):  # type: ignore[no-untyped-def]
+        writes.append("write")
+        return real_writing(self)
+
+    monkeypatch.setattr(PartIndex, "writing", counting)
+    new = cache.note_version(STORE, "bkt", "k", "e1", PART, PART, defer=True)
+    assert new != old and writes == []  # the open wrote nothing
+    assert cache.has(PartId(old, PART, 0))
+    monkeypatch.undo()
+    cache.flush_access()
+    assert not cache.has(PartId(old, PART, 0))  # the replaced version's parts went
+    row = cache._current_index().object_by_name(partcache_module.name_id(STORE, "bkt", "k"))
+    assert row is not None and row.oid == new
