@@ -4,7 +4,9 @@ refusal, and the shared-tier sink, over a MemoryStore and a real PartCache."""
 from __future__ import annotations
 
 import io
+import logging
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,3 +294,64 @@ def test_a_put_that_loses_a_race_is_not_a_refusal() -> None:
 
     with pytest.raises(CacheWriteError, match="refused part 0"):
         SharedTierSink(Refusing(), plan).accept(0, memoryview(b"y" * 1000))
+
+
+def test_the_bar_counts_files_on_a_terminal() -> None:
+    out = io.StringIO()
+    with AggregateProgress("prefetch", mode="always", stream=out) as progress:
+        progress.start(files_total=2, files_done=0, bytes_total=2048, bytes_done=0)
+        progress.add(1024)
+        progress.file_done()
+    assert "1/2 files" in out.getvalue()
+
+
+@pytest.fixture
+def cli_main() -> Iterator[Callable[[list[str]], int]]:
+    """cli.main, with the root logger's handlers (which it replaces) restored after."""
+    from ossfs_resume import cli
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        yield cli.main
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            if handler not in saved[0]:
+                handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
+def _shared_tier_available() -> bool:
+    try:
+        import ossfs_resume.shared  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ([], "--to shared needs --shared-cache URL"),
+        (["--shared-cache", "s3://tier"], "--shared-cache needs --shared-endpoint"),
+    ],
+)
+def test_to_shared_options_are_one_line(
+    capsys: pytest.CaptureFixture[str], cli_main: Callable[[list[str]], int], extra, needle
+) -> None:
+    assert cli_main(["prefetch", "/nonexistent/file", "--to", "shared", *extra]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.skipif(_shared_tier_available(), reason="this build has the shared tier")
+def test_to_shared_without_the_shared_module_is_one_line(
+    capsys: pytest.CaptureFixture[str], cli_main: Callable[[list[str]], int]
+) -> None:
+    argv = ["prefetch", "s3://b/k", "--to", "shared", "--shared-cache", "s3://tier"]
+    assert cli_main([*argv, "--shared-endpoint", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["ossfs-resume: error: --to shared: this build has no shared part tier"]
