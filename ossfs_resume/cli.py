@@ -7,6 +7,7 @@ anything is mounted or written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from .mountopts import (
     parse_id,
     parse_octal,
 )
+from .objectstore import ObjectMeta
 from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
 
 if TYPE_CHECKING:
@@ -233,13 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common_args(mount)
 
     prefetch = sub.add_parser(
-        "prefetch", help="fill the part cache for whole files (parallel, resumable)"
+        "prefetch",
+        help="fill the part cache for files, directories or prefixes (parallel, resumable)",
     )
     prefetch.add_argument(
         "targets",
-        nargs="+",
+        nargs="*",
         metavar="TARGET",
-        help="a file in a mount, or oss://BUCKET/KEY (one object: not a bucket or directory)",
+        help="a file or directory in a mount, or oss://BUCKET[/KEY|/PREFIX/] (a bucket or a "
+        "PREFIX/ means everything under it); with --from-file, a URL is the base of its keys",
+    )
+    prefetch.add_argument(
+        "--from-file",
+        metavar="LIST",
+        help="files to prefetch, one path or key a line, in access order (blank lines and "
+        "# comments skipped; keys are relative to the URL target)",
     )
     _store_args(prefetch, endpoint_required=False)
     prefetch.add_argument("--cache-dir", help="cache dir (for oss:// targets; default as mount)")
@@ -252,7 +262,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=8,
-        help=f"parallel part fetches (1..{MAX_PARALLEL}, default 8)",
+        help=f"parallel part fetches in all (1..{MAX_PARALLEL}, default 8)",
+    )
+    prefetch.add_argument(
+        "--files",
+        type=int,
+        default=4,
+        help=f"files fetched at once, sharing the --threads (1..{MAX_PARALLEL}, default 4)",
+    )
+    prefetch.add_argument(
+        "--check",
+        action="store_true",
+        help="only report how much of each file is cached; fetch nothing",
+    )
+    prefetch.add_argument(
+        "--to",
+        choices=("local", "shared"),
+        default="local",
+        help="fill the local part cache (default) or the shared part tier (--shared-cache)",
+    )
+    prefetch.add_argument(
+        "--shared-cache", metavar="URL", help="the shared part tier: oss://BUCKET[/PREFIX]"
+    )
+    prefetch.add_argument(
+        "--shared-endpoint", metavar="URL", help="endpoint of the shared tier (default --endpoint)"
     )
     _cache_limit_args(prefetch)
     add_progress_option(prefetch)
@@ -527,97 +560,262 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class _PrefetchItem:
+    client: StoreClient
+    meta: ObjectMeta
+    cache_dir: str
+    part_size: int
+
+
+class _PrefetchTargets:
+    """Turns prefetch targets (files, directories, URLs, list entries) into objects.
+
+    Files of one mount, or URLs of one bucket, share one client, so one engine (and
+    its --threads) serves them all. Every target is resolved before anything is fetched.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.clients: dict[tuple[Any, ...], StoreClient] = {}
+        self.items: list[_PrefetchItem] = []
+        self._seen: set[tuple[int, str]] = set()
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+    def _client(self, url: BucketUrl, options: StoreOptions) -> StoreClient:
+        ident = (url.protocol, url.bucket, options)
+        if ident not in self.clients:
+            self.clients[ident] = make_client(url, options, pool_size=self.args.threads + 2)
+        return self.clients[ident]
+
+    def _add(self, client: StoreClient, meta: ObjectMeta, cache_dir: str, part_size: int) -> None:
+        if (id(client), meta.key) not in self._seen:
+            self._seen.add((id(client), meta.key))
+            self.items.append(_PrefetchItem(client, meta, cache_dir, part_size))
+
+    def add_url(self, text: str, url: BucketUrl) -> None:
+        """An object, or with no key or a key ending in "/", everything under that prefix."""
+        from .core import default_cache_dir
+        from .errors import NotFoundError
+        from .prefetch import list_prefix
+
+        args = self.args
+        if not args.endpoint:
+            raise UsageError(f"{text}: --endpoint is needed for a URL target")
+        part_size = check_part_size(args.part_size)
+        cache_dir = str(Path(args.cache_dir or default_cache_dir()).absolute())
+        check_cache_dir(Path(cache_dir))
+        client = self._client(BucketUrl(url.protocol, url.bucket, ""), StoreOptions.from_args(args))
+        if url.key and not url.key.endswith("/"):
+            try:
+                self._add(client, client.head(url.key), cache_dir, part_size)
+                return
+            except NotFoundError:
+                prefix = url.key + "/"  # s3://bucket/dir names the directory
+                found = list_prefix(client, prefix)
+                if not found:
+                    raise
+        else:
+            prefix = url.key
+            found = list_prefix(client, prefix)
+            if not found:
+                raise UsageError(f"nothing to prefetch: no objects under {text}")
+        for meta in found:
+            self._add(client, meta, cache_dir, part_size)
+
+    def add_path(self, path: str) -> None:
+        """A file in a mount, or a directory in one (walked, recursively)."""
+        from .prefetch import walk_files
+
+        if os.path.isdir(path):
+            files = walk_files(path)
+            if not files:
+                raise UsageError(f"nothing to prefetch: {path} holds no files")
+            for name in files:
+                self._add_mounted(name)
+        else:
+            self._add_mounted(path)
+
+    def _add_mounted(self, path: str) -> None:
+        from .prefetch import MountedSource
+
+        src = MountedSource.from_path(path)
+        options = StoreOptions(
+            endpoint=src.endpoint,
+            region=src.region,
+            signature_version=src.signature_version,
+            addressing=src.addressing,
+            anonymous=src.anonymous,
+            ca_bundle=self.args.ca_bundle,
+            credentials_file=_abspath(self.args.credentials_file),
+            profile=self.args.profile,
+        )
+        check_cache_dir(Path(src.cache_dir))
+        client = self._client(BucketUrl(src.protocol, src.bucket, ""), options)
+        self._add(client, client.head(src.key), src.cache_dir, src.part_size)
+
+    def resolve(self) -> None:
+        from .prefetch import join_key, read_list_file
+
+        args = self.args
+        urls = [(t, parse_bucket_url(t)) for t in args.targets if "://" in t]
+        if not args.targets and not args.from_file:
+            raise UsageError("prefetch needs a TARGET or --from-file LIST")
+        base: tuple[str, BucketUrl] | None = None
+        if args.from_file:
+            if len(urls) > 1:
+                raise UsageError(
+                    "with --from-file, give at most one URL (the base of the list's keys)"
+                )
+            base = urls[0] if urls else None
+        for target in args.targets:
+            if "://" not in target:
+                self.add_path(target)
+            elif base is None:
+                self.add_url(target, parse_bucket_url(target))
+        if args.from_file:
+            for entry in read_list_file(args.from_file):
+                if "://" in entry:
+                    self.add_url(entry, parse_bucket_url(entry))
+                elif base is not None:
+                    url = base[1]
+                    key = join_key(url.key, entry)
+                    self.add_url(
+                        f"{url.protocol}://{url.bucket}/{key}",
+                        BucketUrl(url.protocol, url.bucket, key),
+                    )
+                else:
+                    self.add_path(entry)
+        if not self.items:
+            raise UsageError("nothing to prefetch: the list is empty")
+
+
+def _open_shared_tier(args: argparse.Namespace) -> tuple[Any, StoreClient]:
+    """The shared part tier of --shared-cache, and the client it writes with."""
+    if not args.shared_cache:
+        raise UsageError("--to shared needs --shared-cache URL")
+    url = parse_bucket_url(args.shared_cache)
+    endpoint = args.shared_endpoint or args.endpoint
+    if not endpoint:
+        raise UsageError("--shared-cache needs --shared-endpoint (or --endpoint)")
+    try:
+        from .shared import SharedTier  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise UsageError("--to shared: this build has no shared part tier") from None
+    options = dataclasses.replace(StoreOptions.from_args(args), endpoint=endpoint)
+    client = make_client(url, options, pool_size=args.threads + 2)
+    try:
+        return SharedTier(client, url.key), client
+    except BaseException:
+        client.close()
+        raise
+
+
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    from .core import default_cache_dir
-    from .prefetch import MountedSource
+    import threading
+
+    from .prefetch import (
+        SetTotals,
+        check_fits,
+        check_lines,
+        plan_file,
+        prefetch_set,
+        prefetch_set_to_tier,
+    )
+    from .progress import AggregateProgress
 
     check_range("--threads", args.threads, 1, MAX_PARALLEL)
+    check_range("--files", args.files, 1, MAX_PARALLEL)
     cache_size, cache_min_free = cache_limits(args)
-    # Every target is checked before anything is fetched or written.
-    jobs: list[tuple[StoreClient, str, str, int]] = []
+    shared = args.to == "shared"
+    if not shared and (args.shared_cache or args.shared_endpoint):
+        raise UsageError("--shared-cache and --shared-endpoint go with --to shared")
+    targets = _PrefetchTargets(args)
+    caches: dict[str, PartCache] = {}
+    tier: Any = None
+    tier_client: StoreClient | None = None
+    stop = threading.Event()
     try:
-        for target in args.targets:
-            if "://" in target:
-                url = parse_bucket_url(target)
-                if not url.key or url.key.endswith("/"):
-                    what = "a directory" if url.key else "a bucket"
-                    raise UsageError(
-                        f"prefetch needs an object key: {target} names {what} (expected "
-                        f"{url.protocol}://BUCKET/KEY; directories are not supported yet)"
-                    )
-                if not args.endpoint:
-                    raise UsageError(f"{target}: --endpoint is needed for a URL target")
-                part_size = check_part_size(args.part_size)
-                cache_dir = str(Path(args.cache_dir or default_cache_dir()).absolute())
-                store_options = StoreOptions.from_args(args)
-            else:
-                src = MountedSource.from_path(target)
-                url = BucketUrl(src.protocol, src.bucket, src.key)
-                store_options = StoreOptions(
-                    endpoint=src.endpoint,
-                    region=src.region,
-                    signature_version=src.signature_version,
-                    addressing=src.addressing,
-                    anonymous=src.anonymous,
-                    ca_bundle=args.ca_bundle,
-                    credentials_file=args.credentials_file,
-                    profile=args.profile,
+        if shared:
+            tier, tier_client = _open_shared_tier(args)
+        # Every target is resolved (listed, HEADed) before anything is fetched.
+        targets.resolve()
+        where = f"in the shared tier {tier.name}" if shared else "cached"
+
+        def plan_all() -> list[tuple[str, Any]]:
+            planned = []
+            for item in targets.items:
+                cache = None
+                if not shared:
+                    if item.cache_dir not in caches:
+                        caches[item.cache_dir] = _open_cache_for_command(
+                            item.cache_dir,
+                            repair=True,
+                            max_bytes=cache_size,
+                            min_free_bytes=cache_min_free,
+                        )
+                    cache = caches[item.cache_dir]
+                plan = plan_file(
+                    item.client,
+                    item.meta,
+                    item.part_size,
+                    cache=cache,
+                    tier=tier,
+                    record=not args.check,
                 )
-                cache_dir, part_size = src.cache_dir, src.part_size
-            check_cache_dir(Path(cache_dir))
-            client = make_client(url, store_options, pool_size=args.threads)
-            jobs.append((client, url.key, cache_dir, part_size))
-        for client, key, cache_dir, part_size in jobs:
-            status = _prefetch_one(
-                client, key, cache_dir, part_size, args, cache_size, cache_min_free
+                planned.append((item.cache_dir, plan))
+            return planned
+
+        planned = plan_all()
+        plans = [plan for _, plan in planned]
+        if args.check:
+            for line in check_lines(plans, where):
+                print(line)
+            return 0
+        if not shared:
+            for cache_dir, cache in caches.items():
+                check_fits([p for d, p in planned if d == cache_dir], cache.max_bytes)
+        failed: list[tuple[str, str]] = []
+        with AggregateProgress("prefetch", mode=args.progress) as progress:
+            totals = SetTotals.of(plans)
+            progress.start(
+                files_total=totals.files,
+                files_done=totals.files_complete,
+                bytes_total=totals.size,
+                bytes_done=totals.cached,
             )
-            if status:
-                return status
-    finally:
-        for client, *_ in jobs:
-            client.close()
-    return 0
-
-
-def _prefetch_one(
-    client: StoreClient,
-    key: str,
-    cache_dir: str,
-    part_size: int,
-    args: argparse.Namespace,
-    cache_size: int | None,
-    cache_min_free: int | None,
-) -> int:
-    """Prefetch one object into its cache: 0, or 130 after Ctrl-C."""
-    from .prefetch import prefetch_object
-    from .progress import ProgressReporter
-
-    cache = _open_cache_for_command(
-        cache_dir, repair=True, max_bytes=cache_size, min_free_bytes=cache_min_free
-    )
-    try:
-        meta = client.head(key)
-        with ProgressReporter(key, mode=args.progress) as reporter:
-            result = prefetch_object(
-                client, cache, meta, part_size, threads=args.threads, progress=reporter
-            )
+            options = {"files": args.files, "threads": args.threads, "progress": progress}
+            if shared:
+                result = prefetch_set_to_tier(plans, tier, stop=stop, **options)
+                failed += result.failed
+            else:
+                for cache_dir, cache in caches.items():
+                    group = [p for d, p in planned if d == cache_dir]
+                    result = prefetch_set(group, cache, stop=stop, **options)
+                    failed += result.failed
+        after = SetTotals.of([plan for _, plan in plan_all()])
+        print(f"{'cached' if not shared else 'shared tier'}: {after.text(where)}")
+        for name, reason in failed:
+            print(f"ossfs-resume: error: {name}: {reason}", file=sys.stderr)
+        return EXIT_ERROR if failed else 0
     except KeyboardInterrupt:
+        stop.set()
+        kept = "the shared tier" if shared else ", ".join(caches) or "the cache"
         print(
-            f"ossfs-resume: interrupted; fetched parts are kept in {cache_dir}: "
+            f"ossfs-resume: interrupted; fetched parts are kept in {kept}: "
             "run the same command again to fetch the rest",
             file=sys.stderr,
         )
         return 130
     finally:
-        cache.close()
-    log.info(
-        "prefetched %s: %d of %d parts fetched, %d bytes",
-        client.describe(key),
-        result.parts_fetched,
-        result.parts_total,
-        result.bytes_fetched,
-    )
-    return 0
+        for cache in caches.values():
+            cache.close()
+        targets.close()
+        if tier_client is not None:
+            tier_client.close()
 
 
 def _open_cache_for_command(

@@ -14,14 +14,14 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 log = logging.getLogger(__name__)
 
 ProgressMode = Literal["auto", "always", "never"]
 
 
-def _format_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -93,8 +93,8 @@ class ProgressReporter:
         left = self.total - self.consumed
         eta = f"{left / rate:.0f} s" if rate > 0 else "unknown"
         self.stream.write(
-            f"{self.desc}: {_format_bytes(self.consumed)} of {_format_bytes(self.total)} "
-            f"({self.consumed / self.total:.0%}), {_format_bytes(rate)}/s, ETA {eta}\n"
+            f"{self.desc}: {format_bytes(self.consumed)} of {format_bytes(self.total)} "
+            f"({self.consumed / self.total:.0%}), {format_bytes(rate)}/s, ETA {eta}\n"
         )
         self.stream.flush()
 
@@ -117,8 +117,8 @@ class ProgressReporter:
                 leave=True,
             )
         else:
-            resumed = f", resuming at {_format_bytes(consumed)}" if consumed else ""
-            log.info("%s: starting, %s%s", self.desc, _format_bytes(total), resumed)
+            resumed = f", resuming at {format_bytes(consumed)}" if consumed else ""
+            log.info("%s: starting, %s%s", self.desc, format_bytes(total), resumed)
 
     def close(self) -> None:
         """Finish the bar, or log the end line; safe to call twice."""
@@ -137,11 +137,11 @@ class ProgressReporter:
             "%s: %s at %s of %s; %s in %.1f s (%s/s)",
             self.desc,
             state,
-            _format_bytes(self.consumed),
-            _format_bytes(self.total),
-            _format_bytes(moved),
+            format_bytes(self.consumed),
+            format_bytes(self.total),
+            format_bytes(moved),
             elapsed,
-            _format_bytes(moved / elapsed),
+            format_bytes(moved / elapsed),
         )
 
     def __enter__(self) -> ProgressReporter:
@@ -204,3 +204,161 @@ class ProgressTracker:
             self.done = self.total
         if self.callback is not None:
             self.callback(self.total, self.total)
+
+
+class AggregateProgress:
+    """One display for a set of files fetched at once: files done, bytes, rate, ETA.
+
+    On a terminal (or with mode "always") a tqdm bar of bytes whose postfix counts
+    files; off a terminal in auto mode, a status line every `interval` seconds; with
+    "never", only the start and end are logged. ``add`` and ``file_done`` are called
+    from the threads fetching the files, so everything here is under one lock.
+    """
+
+    def __init__(
+        self,
+        desc: str,
+        *,
+        mode: ProgressMode = "auto",
+        stream: TextIO | None = None,
+        interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"bad progress mode {mode!r}")
+        self.desc = desc
+        self.stream = stream if stream is not None else sys.stderr
+        if mode == "auto":
+            isatty = getattr(self.stream, "isatty", None)
+            self.bar_enabled = bool(isatty and isatty())
+        else:
+            self.bar_enabled = mode == "always"
+        self.periodic = mode == "auto" and not self.bar_enabled
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.files_total = self.files_done = 0
+        self.bytes_total = self.bytes_done = 0
+        self._first = 0
+        self._started: float | None = None
+        self._last_line = 0.0
+        self._bar: Any = None
+        self._closed = False
+
+    def start(
+        self, *, files_total: int, files_done: int, bytes_total: int, bytes_done: int
+    ) -> None:
+        """What the set holds and what is already cached: the display starts from there."""
+        with self._lock:
+            self.files_total, self.files_done = files_total, files_done
+            self.bytes_total, self.bytes_done = bytes_total, bytes_done
+            self._first = bytes_done
+            self._started = self._last_line = self._clock()
+        if self.bar_enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=bytes_total,
+                initial=bytes_done,
+                desc=self.desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=True,
+            )
+            self._bar.set_postfix_str(self._files_text(), refresh=False)
+        else:
+            resumed = f", {format_bytes(bytes_done)} already cached" if bytes_done else ""
+            log.info(
+                "%s: starting, %d files, %s%s",
+                self.desc,
+                files_total,
+                format_bytes(bytes_total),
+                resumed,
+            )
+
+    @property
+    def started(self) -> bool:
+        return self._started is not None
+
+    def _files_text(self) -> str:
+        return f"{self.files_done}/{self.files_total} files"
+
+    def add(self, nbytes: int) -> None:
+        """Bytes of some file that are now cached."""
+        with self._lock:
+            self.bytes_done = min(self.bytes_total, self.bytes_done + nbytes)
+            self._update(nbytes)
+
+    def file_done(self) -> None:
+        with self._lock:
+            self.files_done = min(self.files_total, self.files_done + 1)
+            if self._bar is not None:
+                self._bar.set_postfix_str(self._files_text(), refresh=False)
+            self._update(0)
+
+    def _update(self, nbytes: int) -> None:
+        """Called with the lock held: move the bar, or write a line when one is due."""
+        if self._started is None or self._closed:
+            return
+        if self._bar is not None:
+            self._bar.update(nbytes)
+        elif self.periodic and self._clock() - self._last_line >= self.interval:
+            self._last_line = self._clock()
+            self.stream.write(f"{self.desc}: {self._status()}\n")
+            self.stream.flush()
+
+    def status(self) -> str:
+        """``3/10 files, 1.2 GiB of 4.0 GiB (30%), 85.3 MiB/s, ETA 36 s``."""
+        with self._lock:
+            return self._status()
+
+    def _status(self) -> str:
+        percent = self.bytes_done / self.bytes_total if self.bytes_total else 1.0
+        text = (
+            f"{self._files_text()}, {format_bytes(self.bytes_done)} of "
+            f"{format_bytes(self.bytes_total)} ({percent:.0%})"
+        )
+        if self._started is None:
+            return text
+        elapsed = self._clock() - self._started
+        rate = (self.bytes_done - self._first) / elapsed if elapsed > 0 else 0.0
+        left = self.bytes_total - self.bytes_done
+        eta = f"{left / rate:.0f} s" if rate > 0 else ("0 s" if not left else "unknown")
+        return f"{text}, {format_bytes(rate)}/s, ETA {eta}"
+
+    def close(self) -> None:
+        """Finish the bar, or log the end line; safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            bar, self._bar = self._bar, None
+            if self._started is None:
+                return
+            elapsed = max(self._clock() - self._started, 1e-6)
+            moved = self.bytes_done - self._first
+            text = self._files_text()
+        if bar is not None:
+            bar.close()
+        log.info(
+            "%s: %s, %s fetched in %.1f s (%s/s)",
+            self.desc,
+            text,
+            format_bytes(moved),
+            elapsed,
+            format_bytes(moved / elapsed),
+        )
+
+    def __enter__(self) -> AggregateProgress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

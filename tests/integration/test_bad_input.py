@@ -226,16 +226,25 @@ def test_cache_dir_is_a_file(store, proxy, mnt: Path, tmp_path: Path, command: s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "mnt"]
 
 
-@pytest.mark.parametrize(
-    ("url", "what"), [("s3://{bucket}", "a bucket"), ("s3://{bucket}/small/", "a directory")]
-)
-def test_prefetch_needs_an_object_key(store, proxy, tmp_path: Path, url: str, what: str):
-    target = url.format(bucket=store.bucket)
+def test_prefetch_of_an_empty_prefix_is_one_line(store, proxy, tmp_path: Path):
+    target = f"s3://{store.bucket}/no-such-dir-{os.getpid()}/"
     args = prefetch_args(store, tmp_path, target, endpoint=proxy.endpoint)
     result = run_cli(args, env=store_env(store))
-    assert_one_line_error(result, "prefetch needs an object key", f"{target} names {what}")
-    assert proxy.requests() == []
+    assert_one_line_error(result, f"nothing to prefetch: no objects under {target}")
+    assert [method for method, _path, _range in proxy.requests()] == ["GET"]  # the listing
     assert not (tmp_path / "cache").exists()
+
+
+def test_prefetch_check_of_a_bucket_url_means_the_whole_bucket(store, proxy, tmp_path: Path):
+    target = f"s3://{store.bucket}"
+    args = [*prefetch_args(store, tmp_path, target, endpoint=proxy.endpoint), "--check"]
+    result = run_cli(args, env=store_env(store))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.endswith(f"s3://{store.bucket}/big/blob.bin") for line in lines), lines
+    assert any(line.endswith(f"s3://{store.bucket}/docs/readme.txt") for line in lines), lines
+    assert lines[-1].startswith("total: ") and " files complete, 0 B of " in lines[-1]
+    assert not [r for r in proxy.requests() if r[2]]  # listed, nothing fetched
 
 
 @pytest.mark.parametrize(
