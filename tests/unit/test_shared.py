@@ -1,0 +1,308 @@
+"""The shared part tier (SharedTier) on a MemoryStore, alone and under the engine."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ossfs_resume.cache import PartCache, object_id
+from ossfs_resume.checksum import crc64
+from ossfs_resume.engine import ObjectRef, PartFetcher
+from ossfs_resume.errors import AccessDeniedError, StoreUnavailableError
+from ossfs_resume.objectstore import FaultyStore, MemoryStore, ObjectMeta
+from ossfs_resume.shared import PartIdentity, SharedTier
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+PART = 1000
+KEY = "dir/object.bin"
+ETAG = "etag-v1"
+
+
+def _ident(number: int = 0, **changes: object) -> PartIdentity:
+    fields: dict[str, object] = {
+        "store_id": "s3+http://origin",
+        "bucket": "bkt",
+        "key": KEY,
+        "etag": ETAG,
+        "part_size": PART,
+        "number": number,
+    }
+    fields.update(changes)
+    return PartIdentity(**fields)  # type: ignore[arg-type]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def tier_store() -> FaultyStore[MemoryStore]:
+    return FaultyStore(MemoryStore("tier", endpoint="http://tier"))
+
+
+@pytest.fixture
+def tier(tier_store: FaultyStore[MemoryStore], clock: Clock) -> Iterator[SharedTier]:
+    t = SharedTier(tier_store, "shared", retry_after=30.0, clock=clock)
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def _tier_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "ossfs_resume.shared"
+    ]
+
+
+def test_tier_key_is_a_content_address_over_all_six_fields() -> None:
+    ident = _ident(3)
+    key = ident.tier_key("p/")
+    assert key == f"p/parts/{ident.digest[:2]}/{ident.digest}"
+    assert len(ident.digest) == 64
+    others = [
+        _ident(3, store_id="oss+http://origin"),
+        _ident(3, bucket="other"),
+        _ident(3, key=KEY + "x"),
+        _ident(3, etag="etag-v2"),
+        _ident(3, part_size=PART * 2),
+        _ident(4),
+    ]
+    assert len({o.tier_key("p/") for o in others} | {key}) == 7
+    # Keys that are not valid UTF-8 (surrogate-escaped bytes) still have an address.
+    assert _ident(0, key="bad\udcff").tier_key("").startswith("parts/")
+
+
+def test_put_then_get_is_a_hit(tier: SharedTier, tier_store: FaultyStore[MemoryStore]) -> None:
+    data = random.Random(1).randbytes(PART)
+    assert tier.put(_ident(), data)
+    key = _ident().tier_key("shared/")
+    meta = tier_store.inner.meta(key)
+    assert meta.metadata == {
+        "crc64": f"{crc64(data):016x}",
+        "identity": _ident().digest,
+        "length": str(PART),
+    }
+    out = bytearray(PART)
+    assert tier.get_into(_ident(), memoryview(out))
+    assert out == data
+    assert tier.has(_ident())
+    assert not tier.has(_ident(1))
+    stats = tier.stats()
+    assert (stats["gets"], stats["hits"], stats["puts"]) == (1, 1, 1)
+    assert tier.name == "s3://tier/shared/"
+
+
+def test_absent_part_is_a_miss(tier: SharedTier) -> None:
+    assert not tier.get_into(_ident(), memoryview(bytearray(PART)))
+    assert tier.stats()["misses"] == 1
+
+
+def test_corrupted_object_is_refused_with_one_warning_and_healed_by_the_next_put(
+    tier: SharedTier, tier_store: FaultyStore[MemoryStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    data = random.Random(2).randbytes(PART)
+    assert tier.put(_ident(), data)
+    key = _ident().tier_key("shared/")
+    stored = tier_store.inner.meta(key)
+    flipped = bytearray(data)
+    flipped[17] ^= 0xFF
+    tier_store.inner.put(key, bytes(flipped), metadata=stored.metadata)  # same metadata
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        assert not tier.get_into(_ident(), memoryview(bytearray(PART)))
+    warnings = _tier_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert "CRC-64" in warnings[0] and KEY in warnings[0]
+    assert tier.stats()["mismatches"] == 3
+    # The next put of that part overwrites the bad object (not write-if-absent).
+    assert tier.put(_ident(), data)
+    out = bytearray(PART)
+    assert tier.get_into(_ident(), memoryview(out)) and out == data
+
+
+def test_identity_and_length_mismatches_are_refused(
+    tier: SharedTier, tier_store: FaultyStore[MemoryStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    data = random.Random(3).randbytes(PART)
+    assert tier.put(_ident(0), data)
+    # Another part's object (valid CRC, its own identity) copied under part 1's address.
+    stored = tier_store.inner.meta(_ident(0).tier_key("shared/"))
+    tier_store.inner.put(_ident(1).tier_key("shared/"), data, metadata=stored.metadata)
+    caplog.set_level(logging.WARNING)
+    assert not tier.get_into(_ident(1), memoryview(bytearray(PART)))
+    assert "identity" in _tier_warnings(caplog)[0]
+    # A part of another length than asked for.
+    assert not tier.get_into(_ident(0), memoryview(bytearray(PART - 1)))
+    assert tier.stats()["mismatches"] == 2
+    assert len(_tier_warnings(caplog)) == 2
+
+
+def test_unreachable_tier_is_marked_down_then_tried_again(
+    tier: SharedTier,
+    tier_store: FaultyStore[MemoryStore],
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = random.Random(4).randbytes(PART)
+    tier_store.inner.put_object(
+        _ident().tier_key("shared/"),
+        data,
+        metadata={"crc64": f"{crc64(data):016x}", "identity": _ident().digest, "length": "1000"},
+    )
+    rule = tier_store.fail("get_object", StoreUnavailableError("connection refused"))
+    caplog.set_level(logging.WARNING)
+    assert not tier.get_into(_ident(), memoryview(bytearray(PART)))
+    calls = tier_store.count()
+    # Down: every call returns False at once, without asking the store.
+    clock.now += 29.0
+    assert not tier.get_into(_ident(), memoryview(bytearray(PART)))
+    assert not tier.put(_ident(1), data)
+    assert not tier.has(_ident())
+    tier.put_async(_ident(2), data)
+    assert tier_store.count() == calls
+    warnings = _tier_warnings(caplog)
+    assert len(warnings) == 1 and "unreachable" in warnings[0] and "30 s" in warnings[0]
+    assert tier.stats()["skipped"] == 4
+    # After retry_after, tried again: it answers now.
+    rule.remove()
+    clock.now += 1.5
+    out = bytearray(PART)
+    assert tier.get_into(_ident(), memoryview(out)) and out == data
+
+
+def test_a_tier_that_refuses_puts_is_left_alone(
+    tier: SharedTier, tier_store: FaultyStore[MemoryStore]
+) -> None:
+    tier_store.fail("put_object", AccessDeniedError("403 AccessDenied", status=403))
+    assert not tier.put(_ident(0), b"x" * PART)
+    assert not tier.put(_ident(1), b"x" * PART)
+    assert tier_store.count("put_object") == 1
+    assert tier.stats()["put_errors"] == 1
+
+
+def test_put_async_is_bounded_by_pending_bytes(
+    tier_store: FaultyStore[MemoryStore], clock: Clock
+) -> None:
+    tier = SharedTier(tier_store, "", put_workers=1, max_pending_bytes=3 * PART, clock=clock)
+    gate = tier_store.hold("put_object", timeout=5.0)
+    try:
+        for number in range(10):
+            tier.put_async(_ident(number), bytes([number]) * PART)  # returns at once
+        assert gate.wait_held(1)
+        assert tier.pending() == (3, 3 * PART)
+        assert tier.stats()["skipped"] == 7
+    finally:
+        gate.release()
+    assert tier.flush(5.0)
+    assert tier.pending() == (0, 0)
+    assert len(tier_store.inner.keys()) == 3
+    assert tier.stats()["puts"] == 3
+    tier.close()
+
+
+def test_put_is_write_if_absent(tier: SharedTier, tier_store: FaultyStore[MemoryStore]) -> None:
+    first = b"a" * PART
+    assert tier.put(_ident(), first)
+    key = _ident().tier_key("shared/")
+    etag = tier_store.inner.meta(key).etag
+    assert tier.put(_ident(), b"b" * PART)  # the tier holds the part: True, not rewritten
+    assert tier_store.inner.meta(key).etag == etag
+    assert tier_store.inner.data(key) == first
+
+
+def test_memory_store_keeps_metadata_and_answers_get_object() -> None:
+    store = MemoryStore()
+    assert store.put_object("k", b"abc", metadata={"Crc64": "x"}, if_none_match=True)
+    assert not store.put_object("k", b"xyz", if_none_match=True)
+    meta = store.head("k")
+    assert meta.metadata == {"crc64": "x"}
+    assert meta == ObjectMeta("k", meta.size, meta.etag, meta.last_modified, meta.crc64)
+    buf = bytearray(3)
+    assert store.get_object("k", buf)[1] == 3 and buf == b"abc"
+    assert store.get_object("k", bytearray(4))[1] == 0  # another size: nothing read
+    store.delete_object("k")
+    store.delete_object("k")
+    assert store.keys() == []
+
+
+# -- under the engine -----------------------------------------------------------------
+
+
+def _origin(data: bytes) -> FaultyStore[MemoryStore]:
+    memory = MemoryStore("bkt", endpoint="http://origin")
+    memory.put(KEY, data, etag=ETAG, mtime=1_700_000_000.0)
+    return FaultyStore(memory)
+
+
+def _ref(size: int) -> ObjectRef:
+    meta = ObjectMeta(KEY, size, ETAG, 1_700_000_000.0)
+    return ObjectRef(meta, object_id("s3+http://origin", "bkt", KEY, ETAG), PART)
+
+
+def _read_all(fetcher: PartFetcher, ref: ObjectRef) -> bytes:
+    return b"".join(fetcher.read(ref, n, 0, PART) for n in range(ref.parts))
+
+
+def test_a_second_node_reads_from_the_tier_not_the_origin(
+    tmp_path: Path, tier: SharedTier, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = random.Random(5).randbytes(5 * PART + 123)
+    ref = _ref(len(data))
+    nodes = []
+    try:
+        origin_a = _origin(data)
+        node_a = PartFetcher(origin_a, PartCache(tmp_path / "a"), shared=tier)  # type: ignore[arg-type]
+        nodes.append(node_a)
+        assert _read_all(node_a, ref) == data
+        assert origin_a.count("get_range") == ref.parts
+        assert tier.flush(5.0)
+        assert tier.stats()["puts"] == ref.parts
+
+        # Node B: its own cache, the same tier; one part corrupted there.
+        bad_key = PartIdentity("s3+http://origin", "bkt", KEY, ETAG, PART, 2).tier_key("shared/")
+        inner = tier.store.inner  # type: ignore[attr-defined]
+        stored = inner.meta(bad_key)
+        inner.put(bad_key, b"\0" * PART, metadata=stored.metadata)
+        origin_b = _origin(data)
+        node_b = PartFetcher(origin_b, PartCache(tmp_path / "b"), shared=tier)  # type: ignore[arg-type]
+        nodes.append(node_b)
+        caplog.set_level(logging.WARNING)
+        assert _read_all(node_b, ref) == data
+        assert origin_b.ranges() == [(2 * PART, 3 * PART - 1)]  # only the bad part
+        assert len(_tier_warnings(caplog)) == 1
+        assert node_b.wait_idle(5.0)
+        assert all(node_b.cache.has(ref.part_id(n)) for n in range(ref.parts))
+    finally:
+        for node in nodes:
+            node.shutdown()
+            node.cache.close()
+
+
+def test_headers_of_its_own_keep_a_fetch_off_the_tier(tmp_path: Path, tier: SharedTier) -> None:
+    cache = PartCache(tmp_path / "c")
+    fetcher = PartFetcher(
+        _origin(b"x"),  # type: ignore[arg-type]
+        cache,
+        headers={"x-oss-server-side-encryption-customer-key": "k"},
+        shared=tier,
+    )
+    assert fetcher.shared is None
+    fetcher.shutdown()
+    cache.close()
