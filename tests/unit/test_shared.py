@@ -5,16 +5,22 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from ossfs_resume.cache import PartCache, object_id
 from ossfs_resume.checksum import crc64
+from ossfs_resume.client import StoreClient, StoreConfig
 from ossfs_resume.engine import ObjectRef, PartFetcher
 from ossfs_resume.errors import AccessDeniedError, StoreUnavailableError
 from ossfs_resume.objectstore import FaultyStore, MemoryStore, ObjectMeta
 from ossfs_resume.shared import PartIdentity, SharedTier
+from ossfs_resume.signing import Credentials
+
+from .conftest import serving
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -306,3 +312,77 @@ def test_headers_of_its_own_keep_a_fetch_off_the_tier(tmp_path: Path, tier: Shar
     assert fetcher.shared is None
     fetcher.shutdown()
     cache.close()
+
+
+# -- the client's writes, against a tiny HTTP store -------------------------------------
+
+
+class _PutStore(BaseHTTPRequestHandler):
+    """Keeps PUT bodies and their headers; answers write-if-absent as S3 and OSS do."""
+
+    protocol_version = "HTTP/1.1"
+    objects: ClassVar[dict[str, tuple[bytes, dict[str, str]]]] = {}
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _reply(self, status: int, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path in self.objects and self.headers.get("If-None-Match") == "*":
+            return self._reply(412)
+        if self.path in self.objects and self.headers.get("x-oss-forbid-overwrite") == "true":
+            return self._reply(409)
+        self.objects[self.path] = (body, {k.lower(): v for k, v in self.headers.items()})
+        self._reply(200, {"ETag": '"e1"'})
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        if self.path not in self.objects:
+            return self._reply(404)
+        body, headers = self.objects[self.path]
+        meta = {k: v for k, v in headers.items() if "-meta-" in k}
+        self._reply(200, {"ETag": '"e1"', **meta}, body)
+
+    def do_DELETE(self) -> None:
+        self.objects.pop(self.path, None)
+        self._reply(204)
+
+
+@pytest.mark.parametrize("protocol", ["s3", "oss"])
+def test_client_puts_with_metadata_and_write_if_absent(protocol: str) -> None:
+    _PutStore.objects = {}
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), _PutStore)) as srv:
+        endpoint = f"http://127.0.0.1:{srv.server_address[1]}"
+        creds = Credentials("AKID", "secret")
+        client = StoreClient(StoreConfig(protocol, endpoint, "bkt", credentials=creds))  # type: ignore[arg-type]
+        try:
+            assert client.put_object(
+                "a/b", b"hello", metadata={"CRC64": "00ff"}, if_none_match=True
+            )
+            assert not client.put_object("a/b", b"other", if_none_match=True)  # kept
+            body, headers = _PutStore.objects["/bkt/a/b"]
+            assert body == b"hello" and headers["content-length"] == "5"
+            meta_header = f"x-{'oss' if protocol == 'oss' else 'amz'}-meta-crc64"
+            assert headers[meta_header] == "00ff"
+            assert meta_header in headers["authorization"].lower() or protocol == "oss"
+            assert client.head("a/b").metadata == {"crc64": "00ff"}
+            buf = bytearray(5)
+            meta, n = client.get_object("a/b", buf)
+            assert (n, bytes(buf), meta.metadata) == (5, b"hello", {"crc64": "00ff"})
+            assert client.get_object("a/b", bytearray(6))[1] == 0
+            client.delete_object("a/b")
+            client.delete_object("a/b")
+            assert _PutStore.objects == {}
+        finally:
+            client.close()
