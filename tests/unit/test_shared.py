@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
 from collections.abc import Iterator
@@ -13,9 +14,10 @@ import pytest
 
 from ossfs_resume.cache import PartCache, object_id
 from ossfs_resume.checksum import crc64
+from ossfs_resume.cli import build_parser, make_shared_tier
 from ossfs_resume.client import StoreClient, StoreConfig
 from ossfs_resume.engine import ObjectRef, PartFetcher
-from ossfs_resume.errors import AccessDeniedError, StoreUnavailableError
+from ossfs_resume.errors import AccessDeniedError, StoreUnavailableError, UsageError
 from ossfs_resume.objectstore import FaultyStore, MemoryStore, ObjectMeta
 from ossfs_resume.shared import PartIdentity, SharedTier
 from ossfs_resume.signing import Credentials
@@ -386,3 +388,50 @@ def test_client_puts_with_metadata_and_write_if_absent(protocol: str) -> None:
             assert _PutStore.objects == {}
         finally:
             client.close()
+
+
+# -- the command line -------------------------------------------------------------------
+
+
+def _mount_args(*extra: str) -> argparse.Namespace:
+    base = ["mount", "s3://bkt/data", "/mnt/x", "--endpoint", "http://127.0.0.1:9"]
+    return build_parser().parse_args([*base, *extra])
+
+
+def test_mount_builds_the_tier_from_its_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ORIGINKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "originsecret")
+    assert make_shared_tier(_mount_args()) is None
+    tier = make_shared_tier(_mount_args("--shared-cache", "s3://tier/p"))
+    assert tier is not None
+    try:
+        config = tier.store.config
+        assert tier.name == "s3://tier/p/"
+        assert config.endpoint == "http://127.0.0.1:9"  # the origin's by default
+        assert (config.read_timeout, config.connect_timeout, config.max_attempts) == (2, 2, 2)
+        assert config.current_credentials().access_key_id == "ORIGINKEY"
+    finally:
+        tier.close()
+    passwd = tmp_path / "tier.passwd"
+    passwd.write_text("TIERKEY:tiersecret\n")
+    passwd.chmod(0o600)
+    args = _mount_args(
+        "--shared-cache",
+        "s3://tier",
+        "--shared-endpoint",
+        "http://127.0.0.1:10",
+        "--shared-credentials-file",
+        str(passwd),
+    )
+    tier = make_shared_tier(args)
+    assert tier is not None
+    try:
+        assert tier.store.config.endpoint == "http://127.0.0.1:10"
+        # Named for the tier: wins over the origin's keys in the environment.
+        assert tier.store.config.current_credentials().access_key_id == "TIERKEY"
+    finally:
+        tier.close()
+    with pytest.raises(UsageError):
+        make_shared_tier(_mount_args("--shared-cache", "http://tier/p"))
