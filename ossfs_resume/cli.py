@@ -16,7 +16,7 @@ import shlex
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -48,6 +48,7 @@ from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
 
 if TYPE_CHECKING:
     from .cache import PartCache
+    from .shared import SharedTier
 
 log = logging.getLogger("ossfs_resume")
 
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on this port (http://ADDRESS:PORT/metrics)",
     )
     mount.add_argument("--metrics-address", default="127.0.0.1", help="address to serve metrics on")
+    add_shared_options(mount)
     _common_args(mount)
 
     prefetch = sub.add_parser(
@@ -311,7 +313,133 @@ def build_parser() -> argparse.ArgumentParser:
             _store_args(cmd, endpoint_required=False)
         _common_args(cmd)
     add_service_parsers(sub)
+    add_shared_cache_parser(sub)
     return parser
+
+
+#: Keys in the environment: the chain's first source, unless a --shared-* option names one.
+KEY_VARIABLES = frozenset(
+    {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "OSS_ACCESS_KEY_ID",
+        "OSS_ACCESS_KEY_SECRET",
+        "OSS_SESSION_TOKEN",
+    }
+)
+
+
+def add_shared_options(parser: argparse.ArgumentParser) -> None:
+    """--shared-cache and how to reach it: a part tier shared by many nodes."""
+    parser.add_argument(
+        "--shared-cache",
+        metavar="URL",
+        help="s3://BUCKET[/PREFIX] or oss://BUCKET[/PREFIX]: parts shared by every node "
+        "mounting with it (read before the origin, filled by each node's origin reads)",
+    )
+    parser.add_argument(
+        "--shared-endpoint",
+        metavar="URL",
+        help="http(s)://host[:port] of the shared cache's store (default: --endpoint)",
+    )
+    parser.add_argument(
+        "--shared-credentials-file",
+        metavar="FILE",
+        help="keys for the shared cache (passwd format), used before keys in the environment "
+        "(default: the same chain as the origin)",
+    )
+    parser.add_argument(
+        "--shared-profile", help="profile for the shared cache's keys (as --profile)"
+    )
+
+
+def add_shared_cache_parser(sub: Any) -> None:
+    shared = sub.add_parser("shared-cache", help="inspect or clear a shared part tier")
+    shared_sub = shared.add_subparsers(dest="shared_command", required=True)
+    for name, text in (
+        ("stats", "objects and bytes under PREFIX/parts/"),
+        ("clear", "delete every part under PREFIX/parts/"),
+    ):
+        cmd = shared_sub.add_parser(name, help=text)
+        cmd.add_argument("url", metavar="URL", help="s3://BUCKET[/PREFIX] or oss://BUCKET[/PREFIX]")
+        _store_args(cmd)
+        if name == "stats":
+            cmd.add_argument("--json", action="store_true", help="the figures as JSON")
+        _common_args(cmd)
+
+
+def _dir_prefix(key: str) -> str:
+    return key if not key or key.endswith("/") else key + "/"
+
+
+def shared_tier_target(args: argparse.Namespace) -> tuple[BucketUrl, StoreOptions] | None:
+    """The --shared-cache bucket and how to reach it (None without one); checked."""
+    if not getattr(args, "shared_cache", None):
+        return None
+    url = parse_bucket_url(args.shared_cache)
+    endpoint = args.shared_endpoint or args.endpoint
+    check_endpoint(endpoint)
+    base = StoreOptions.from_args(args)
+    options = dataclasses.replace(
+        base,
+        endpoint=endpoint,
+        anonymous=False,  # a tier is written to: it needs keys
+        credentials_file=_abspath(args.shared_credentials_file) or base.credentials_file,
+        profile=args.shared_profile or base.profile,
+    )
+    return url, options
+
+
+def make_shared_tier(args: argparse.Namespace, *, timeout: float = 2.0) -> SharedTier | None:
+    """The mount's shared tier, on its own client with short timeouts."""
+    from .shared import SharedTier, tier_client_settings
+
+    target = shared_tier_target(args)
+    if target is None:
+        return None
+    url, options = target
+    env: dict[str, str] | None = None
+    if args.shared_credentials_file or args.shared_profile:
+        # Asked for by name: these win over the origin's keys in the environment.
+        env = {k: v for k, v in os.environ.items() if k not in KEY_VARIABLES}
+    client = make_client(
+        url, options, pool_size=8, credentials_env=env, **tier_client_settings(timeout)
+    )
+    return SharedTier(client, _dir_prefix(url.key), timeout=timeout)
+
+
+def cmd_shared_cache(args: argparse.Namespace) -> int:
+    url = parse_bucket_url(args.url)
+    parts = _dir_prefix(url.key) + "parts/"
+    client = make_client(url, StoreOptions.from_args(args))
+    where = f"{url.protocol}://{url.bucket}/{parts}"
+    try:
+        objects = nbytes = 0
+        for page in client.list(parts, delimiter=""):
+            for obj in page.objects:
+                if args.shared_command == "clear":
+                    client.delete_object(obj.key)
+                objects += 1
+                nbytes += obj.size
+    finally:
+        client.close()
+    if args.shared_command == "clear":
+        print(f"deleted {objects} parts ({_human(nbytes)}) under {where}")
+    elif args.json:
+        print(json.dumps({"url": where, "objects": objects, "bytes": nbytes}))
+    else:
+        print(f"{where}: {objects} parts, {_human(nbytes)}")
+    return 0
+
+
+def _human(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{nbytes} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{nbytes} bytes"
 
 
 def add_access_options(parser: argparse.ArgumentParser) -> None:
@@ -390,11 +518,17 @@ def _abspath(path: str | None) -> str | None:
 
 
 def make_client(
-    url: BucketUrl, options: StoreOptions, *, pool_size: int = 16, **kw: Any
+    url: BucketUrl,
+    options: StoreOptions,
+    *,
+    pool_size: int = 16,
+    credentials_env: Mapping[str, str] | None = None,
+    **kw: Any,
 ) -> StoreClient:
-    """A client for `url`'s bucket, from typed options."""
+    """A client for `url`'s bucket, from typed options (keys: the chain, over
+    `credentials_env` instead of the environment when given)."""
     chain = ChainOptions(options.credentials_file, options.profile, options.anonymous)
-    source = resolve_credentials(url.protocol, url.bucket, chain)
+    source = resolve_credentials(url.protocol, url.bucket, chain, env=credentials_env)
     config = StoreConfig(
         ca_bundle=resolve_ca_bundle(options.ca_bundle),
         protocol=url.protocol,  # type: ignore[arg-type]
@@ -488,6 +622,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
         probe.check_access(prefix)
     finally:
         probe.close()
+    # The shared cache is never fatal: a mistake in it is a warning, and reads go
+    # to the origin until it answers.
+    shared_target = shared_tier_target(args)
+    if shared_target is not None:
+        shared_probe = make_shared_tier(args)
+        assert shared_probe is not None
+        try:
+            shared_probe.store.check_access(shared_probe.prefix)
+        except OssfsError as exc:
+            print(
+                f"ossfs-resume: warning: shared cache {shared_probe.name}: {exc}; "
+                "reading from the origin until it answers",
+                file=sys.stderr,
+            )
+        finally:
+            shared_probe.close(wait=0)
+            shared_probe.store.close()
     unusable: str | None = None
     try:
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -531,7 +682,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
             max_attempts=3,
         )
         cache = open_cache(cache_dir, max_bytes=cache_size, min_free_bytes=cache_min_free)
-        return BucketFS(client, cache, options)
+        shared = make_shared_tier(args)
+        if shared is not None:
+            log.info("shared cache %s: read after the local cache, before the origin", shared.name)
+        return BucketFS(client, cache, options, shared=shared)
 
     log.info(
         "mounting %s://%s/%s at %s (cache %s, part size %d)",
@@ -1072,6 +1226,7 @@ COMMANDS = {
     "cache": cmd_cache,
     "stats": lambda args: cmd_stats(args),
     "config": lambda args: cmd_config(args),
+    "shared-cache": cmd_shared_cache,
 }
 
 

@@ -46,7 +46,7 @@ from .errors import (
     TLSError,
     UsageError,
 )
-from .objectstore import ListPage, ObjectMeta  # defined beside ObjectStore; re-exported here
+from .objectstore import Buffer, ListPage, ObjectMeta  # defined beside ObjectStore; re-exported
 from .signing import (
     Credentials,
     canonical_query,
@@ -384,6 +384,71 @@ class StoreClient:
                 return
             token = page.next_token
 
+    def get_object(self, key: str, into: Buffer) -> tuple[ObjectMeta, int]:
+        """GET the whole object: (its metadata, user metadata included; bytes read).
+
+        The body is read into `into` only if the object is exactly ``len(into)``
+        bytes; otherwise nothing is read (0). One attempt at the body: a body cut
+        short raises StoreUnavailableError (callers of this are the shared tier,
+        which would rather go to the origin than wait).
+        """
+        self.counters.add("get")
+        resp = self._request("GET", key, stream=True)
+        try:
+            meta = self._meta_from_headers(key, resp.headers)
+            view = memoryview(into).cast("B")
+            if meta.size != len(view):
+                return meta, 0
+            try:
+                n = self._read_into(resp, view, key)
+            except _Retry as exc:
+                raise StoreUnavailableError(f"GET {self.describe(key)}: {exc}", key=key) from None
+            resp.raw.release_conn()
+            return meta, n
+        finally:
+            resp.close()
+
+    def put_object(
+        self,
+        key: str,
+        data: Buffer | bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        if_none_match: bool = False,
+    ) -> bool:
+        """PUT `data` under `key`, with user `metadata` (sent as x-amz-meta-* or
+        x-oss-meta-*, signed). With `if_none_match`, an object already there is kept
+        and False returned (S3: If-None-Match: *, 412; OSS: x-oss-forbid-overwrite,
+        409); a store that ignores the condition overwrites, which callers writing
+        the same bytes under a content address tolerate. True: written."""
+        meta_prefix = "x-oss-meta-" if self.config.protocol == "oss" else "x-amz-meta-"
+        body = bytes(data)  # requests needs a sized bytes body; one part at most
+        sent = {**(headers or {}), "Content-Length": str(len(body))}
+        for name, value in (metadata or {}).items():
+            sent[meta_prefix + name.lower()] = value
+        if if_none_match:
+            if self.config.protocol == "oss":
+                sent["x-oss-forbid-overwrite"] = "true"
+            else:
+                sent["If-None-Match"] = "*"
+        try:
+            resp = self._request("PUT", key, headers=sent, data=body)
+        except StoreError as exc:
+            if if_none_match and exc.status in (409, 412):
+                return False
+            raise
+        resp.close()
+        return True
+
+    def delete_object(self, key: str) -> None:
+        """DELETE `key`; a missing key is no error (as the stores answer 204)."""
+        try:
+            resp = self._request("DELETE", key)
+        except NotFoundError:
+            return
+        resp.close()
+
     def check_access(self, prefix: str = "") -> None:
         """Fail fast with a clear error if the endpoint, bucket or credentials are wrong."""
         self.list_page(prefix, "/", max_keys=1)
@@ -493,10 +558,13 @@ class StoreClient:
         query: Mapping[str, str | None] | None = None,
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
+        data: bytes | None = None,
     ) -> requests.Response:
         """Send with retries on connection errors, 429 and 5xx; raise mapped errors."""
         query = dict(query or {})
         kind = "head" if method == "HEAD" else "list" if "list-type" in query else "get"
+        if method in ("PUT", "DELETE"):
+            kind = method.lower()
         attempt = 0
         while True:
             attempt += 1
@@ -511,7 +579,7 @@ class StoreClient:
                 url = f"{url}?{qs}"
             started = time.monotonic()
             try:
-                resp = self._send(method, url, path, qs, hdrs, stream)
+                resp = self._send(method, url, path, qs, hdrs, stream, data)
             except requests.exceptions.SSLError as exc:
                 self.counters.add_response(kind, "error")
                 reason, permanent = _tls_reason(exc)
@@ -567,10 +635,19 @@ class StoreClient:
             raise error
 
     def _send(
-        self, method: str, url: str, path: str, qs: str, headers: dict[str, str], stream: bool
+        self,
+        method: str,
+        url: str,
+        path: str,
+        qs: str,
+        headers: dict[str, str],
+        stream: bool,
+        data: bytes | None = None,
     ) -> requests.Response:
         """One HTTP exchange, with the path and query exactly as encoded and signed."""
-        prepared = self._session.prepare_request(requests.Request(method, url, headers=headers))
+        prepared = self._session.prepare_request(
+            requests.Request(method, url, headers=headers, data=data)
+        )
         # Preparing re-quotes the URL: it turns %2E back into "." and drops dot segments,
         # so the request would name another key than the one signed. Keep requests'
         # scheme and host, put back our path and query.
@@ -710,6 +787,12 @@ class StoreClient:
             etag=_strip_etag(headers.get("ETag")) or "",
             last_modified=email.utils.parsedate_to_datetime(lm).timestamp() if lm else 0.0,
             crc64=int(crc) if crc and crc.isdigit() else None,
+            metadata={
+                name.lower()[len(prefix) :]: value
+                for name, value in headers.items()
+                for prefix in ("x-amz-meta-", "x-oss-meta-")
+                if name.lower().startswith(prefix)
+            },
         )
 
     def _parse_list(self, body: bytes) -> ListPage:

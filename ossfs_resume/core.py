@@ -34,6 +34,7 @@ from .objectstore import ObjectMeta, ObjectStore
 from .parts import DEFAULT_PART_SIZE
 from .prefetch import SOURCE_XATTR, MountedSource
 from .reader import ObjectReader
+from .shared import SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,25 @@ class MountOptions:
 
 
 class BucketFS:
-    def __init__(self, client: ObjectStore, cache: PartStore, options: MountOptions) -> None:
+    def __init__(
+        self,
+        client: ObjectStore,
+        cache: PartStore,
+        options: MountOptions,
+        *,
+        shared: SharedTier | None = None,
+    ) -> None:
         self.client = client
         self.cache = cache
         self.options = options
+        self.shared = shared
         self.namespace = Namespace(client, options.prefix, list_ttl=options.list_ttl)
         self.fetcher = PartFetcher(
             client,
             cache,
             max_parallel=options.max_parallel,
             max_inflight_bytes=options.max_inflight_bytes,
+            shared=shared,
         )
         self._lock = threading.Lock()
         self._open: dict[int, ObjectReader] = {}
@@ -127,6 +137,8 @@ class BucketFS:
         # Each step on its own: a broken cache must not leave the client open.
         fetchers = [self.fetcher] if self._direct is None else [self.fetcher, self._direct]
         steps = [*(f.shutdown for f in fetchers), self.cache.close, self.client.close]
+        if self.shared is not None:
+            steps += [self.shared.close, self.shared.store.close]
         for step in steps:
             try:
                 step()
@@ -268,6 +280,7 @@ class BucketFS:
                     UncachedParts(self.cache.root, f"{type(reason).__name__}: {reason}"),
                     max_parallel=self.options.max_parallel,
                     max_inflight_bytes=self.options.max_inflight_bytes,
+                    shared=self.shared,
                 )
             return self._direct
 

@@ -37,6 +37,7 @@ from .durable import aligned_buffer
 from .errors import PreconditionFailedError, StoreUnavailableError
 from .objectstore import ObjectMeta, ObjectStore
 from .parts import part_bounds, part_count
+from .shared import PartIdentity, SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,13 @@ class PartFetcher:
         max_recent_bytes: int | None = None,
         version_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        shared: SharedTier | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
+        # The shared tier, between the part cache and the origin. Not for GETs with
+        # headers of their own (SSE-C keys): those bytes are not for other nodes.
+        self.shared = None if headers else shared
         # Sent with every GET: a download of one object version (oss2's params/headers).
         self._get_options: dict[str, Any] = {}
         if version_id:
@@ -443,15 +448,21 @@ class PartFetcher:
                     self.copied_from_cache += 1
                 return
             buf = aligned_buffer(length)  # O_DIRECT-ready: see the class docstring
-            self.client.get_range(
-                ref.meta.key,
-                start,
-                start + length - 1,
-                if_match=ref.meta.etag,
-                into=buf,
-                **self._get_options,
-            )
-            self.cache.note_fetched(length)
+            shared, ident = self.shared, self._identity(ref, number)
+            # Read order: memory, local disk (both above), the shared tier, the origin.
+            if shared is None or ident is None or not shared.get_into(ident, memoryview(buf)):
+                self.client.get_range(
+                    ref.meta.key,
+                    start,
+                    start + length - 1,
+                    if_match=ref.meta.etag,
+                    into=buf,
+                    **self._get_options,
+                )
+                self.cache.note_fetched(length)
+                if shared is not None and ident is not None:
+                    # The buffer never changes once fetched: the put keeps a reference.
+                    shared.put_async(ident, buf)
             to_store = buf if entry.store else None
             future.set_result(memoryview(buf))
         except PreconditionFailedError as exc:
@@ -472,6 +483,16 @@ class PartFetcher:
                 self._writer.submit(self._store, pid, entry, to_store)
             except RuntimeError:  # shutting down: the part is simply not cached
                 self._settle(pid, entry, keep=False)
+
+    def _identity(self, ref: ObjectRef, number: int) -> PartIdentity | None:
+        """The part's identity in the shared tier; None without a tier, or for an
+        object without an ETag (its parts are not pinned to one version)."""
+        if self.shared is None or not ref.meta.etag:
+            return None
+        config = self.client.config
+        return PartIdentity(
+            config.store_id, config.bucket, ref.meta.key, ref.meta.etag, ref.part_size, number
+        )
 
     def _store(self, pid: PartId, entry: _Inflight, data: mmap.mmap) -> None:
         try:

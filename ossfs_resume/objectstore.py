@@ -21,8 +21,8 @@ import hashlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from .checksum import crc64 as crc64_of
@@ -42,6 +42,9 @@ class ObjectMeta:
     etag: str  # as the store sent it, without the surrounding quotes
     last_modified: float  # seconds since the epoch
     crc64: int | None = None  # x-oss-hash-crc64ecma, when the store sends it
+    # User metadata (x-amz-meta-* / x-oss-meta-*, names lower-cased, without the prefix):
+    # from HEAD and whole-object GETs, not listings. Not compared: a dict is unhashable.
+    metadata: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,36 @@ class ObjectStore(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class WritableStore(ObjectStore, Protocol):
+    """A store that can also be written to: what the shared part tier needs."""
+
+    def get_object(self, key: str, into: Buffer) -> tuple[ObjectMeta, int]:
+        """GET the whole object: (its metadata, bytes read into `into`).
+
+        The body is read only if the object's size is exactly ``len(into)``;
+        otherwise nothing is read and the count is 0 (the caller sees ``meta.size``).
+        """
+        ...
+
+    def put_object(
+        self,
+        key: str,
+        data: Buffer | bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        if_none_match: bool = False,
+    ) -> bool:
+        """PUT `data` under `key` with user `metadata`. With `if_none_match`, an object
+        already there is kept: False (no error). True: written."""
+        ...
+
+    def delete_object(self, key: str) -> None:
+        """DELETE `key`; a missing key is no error."""
+        ...
+
+
 # -- recording calls -----------------------------------------------------------
 
 
@@ -130,7 +163,7 @@ class ObjectStore(Protocol):
 class Call:
     """One request as a store saw it."""
 
-    method: str  # "head", "get_range" or "list_page"
+    method: str  # "head", "get_range", "list_page", "get_object", "put_object", "delete_object"
     key: str  # the key; for list_page, the prefix
     start: int | None = None  # get_range
     end: int | None = None  # get_range, inclusive
@@ -139,7 +172,7 @@ class Call:
     token: str | None = None  # list_page: None for the first page of a listing
 
 
-METHODS = frozenset({"head", "get_range", "list_page"})
+METHODS = frozenset({"head", "get_range", "list_page", "get_object", "put_object", "delete_object"})
 
 
 class _CallLog:
@@ -204,7 +237,7 @@ class _Stored:
     meta: ObjectMeta
 
 
-class MemoryStore(_CallLog, ObjectStore):
+class MemoryStore(_CallLog, WritableStore):
     """A bucket in memory that answers as the HTTP client does, and records every request.
 
     ``put`` gives an object the MD5 of its bytes as ETag (as S3 and OSS do for a
@@ -246,10 +279,12 @@ class MemoryStore(_CallLog, ObjectStore):
         etag: str | None = None,
         mtime: float | None = None,
         crc64: bool | int = True,
+        metadata: Mapping[str, str] | None = None,
     ) -> ObjectMeta:
         """Store `data` under `key`, replacing any object there.
 
         crc64: True sends the CRC-64 as OSS does, False none (as S3), an int that value.
+        metadata: user metadata (names lower-cased, as the stores answer them).
         """
         data = bytes(data)
         crc = crc64_of(data) if crc64 is True else None if crc64 is False else int(crc64)
@@ -259,6 +294,7 @@ class MemoryStore(_CallLog, ObjectStore):
             etag=etag or hashlib.md5(data, usedforsecurity=False).hexdigest(),
             last_modified=time.time() if mtime is None else mtime,
             crc64=crc,
+            metadata={k.lower(): v for k, v in (metadata or {}).items()},
         )
         with self._lock:
             self._objects[key] = _Stored(data, meta)
@@ -324,6 +360,35 @@ class MemoryStore(_CallLog, ObjectStore):
             raise ProtocolError(f"{what}: wrong Content-Range 'bytes {start}-{size - 1}/{size}'")
         view[:length] = stored.data[start : end + 1]
         return buf
+
+    def get_object(self, key: str, into: Buffer) -> tuple[ObjectMeta, int]:
+        self._record(Call("get_object", key))
+        stored = self._get(key, "GET")
+        view = memoryview(into).cast("B")
+        if stored.meta.size != len(view):
+            return stored.meta, 0
+        view[:] = stored.data
+        return stored.meta, len(view)
+
+    def put_object(
+        self,
+        key: str,
+        data: Buffer | bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        if_none_match: bool = False,
+    ) -> bool:
+        self._record(Call("put_object", key))
+        with self._lock:
+            if if_none_match and key in self._objects:
+                return False
+        self.put(key, bytes(data), crc64=self._config.protocol == "oss", metadata=metadata)
+        return True
+
+    def delete_object(self, key: str) -> None:
+        self._record(Call("delete_object", key))
+        self.delete(key)
 
     def list_page(
         self, prefix: str, delimiter: str = "/", token: str | None = None, max_keys: int = 1000
@@ -469,10 +534,10 @@ S = TypeVar("S", bound=ObjectStore)
 T = TypeVar("T")
 
 
-class FaultyStore(_CallLog, ObjectStore, Generic[S]):
+class FaultyStore(_CallLog, WritableStore, Generic[S]):
     """Wraps a store and injects faults by rule; records every call made through it.
 
-    Rules apply to "head", "get_range" or "list_page" (a listing fails page by
+    Rules apply to any method in METHODS, e.g. "get_range" or "list_page" (a listing fails page by
     page), optionally only to calls for which `when(call)` is true and only
     `times` times; matching rules run in the order they were added. ``calls``
     holds every call, faulted or not, as the engine made it; ``active`` and
@@ -612,6 +677,29 @@ class FaultyStore(_CallLog, ObjectStore, Generic[S]):
 
     def list(self, prefix: str, delimiter: str = "/") -> Iterator[ListPage]:
         return _pages(self, prefix, delimiter)
+
+    # The write methods forward to a WritableStore inner store (a MemoryStore).
+    def get_object(self, key: str, into: Buffer) -> tuple[ObjectMeta, int]:
+        return self._call(Call("get_object", key), lambda: self.inner.get_object(key, into))  # type: ignore[attr-defined]
+
+    def put_object(
+        self,
+        key: str,
+        data: Buffer | bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        if_none_match: bool = False,
+    ) -> bool:
+        return self._call(
+            Call("put_object", key),
+            lambda: self.inner.put_object(  # type: ignore[attr-defined]
+                key, data, metadata=metadata, headers=headers, if_none_match=if_none_match
+            ),
+        )
+
+    def delete_object(self, key: str) -> None:
+        self._call(Call("delete_object", key), lambda: self.inner.delete_object(key))  # type: ignore[attr-defined]
 
     def check_access(self, prefix: str = "") -> None:
         self.list_page(prefix, "/", max_keys=1)

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     },
     {"client", "objectstore"},
     {"credentials"},
-    {"cache"},
+    {"cache", "shared"},
     {"engine"},
     {"reader", "prefetch", "download", "namespace"},
     {"core"},
