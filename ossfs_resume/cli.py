@@ -283,12 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="fill the local part cache (default) or the shared part tier (--shared-cache)",
     )
-    prefetch.add_argument(
-        "--shared-cache", metavar="URL", help="the shared part tier: oss://BUCKET[/PREFIX]"
-    )
-    prefetch.add_argument(
-        "--shared-endpoint", metavar="URL", help="endpoint of the shared tier (default --endpoint)"
-    )
+    add_shared_options(prefetch)
     _cache_limit_args(prefetch)
     add_progress_option(prefetch)
     _common_args(prefetch)
@@ -392,7 +387,8 @@ def shared_tier_target(args: argparse.Namespace) -> tuple[BucketUrl, StoreOption
 
 
 def make_shared_tier(args: argparse.Namespace, *, timeout: float = 2.0) -> SharedTier | None:
-    """The mount's shared tier, on its own client with short timeouts."""
+    """The shared tier of --shared-cache on a client of its own (a mount's: short timeouts,
+    so a slow tier never holds a read up)."""
     from .shared import SharedTier, tier_client_settings
 
     target = shared_tier_target(args)
@@ -848,24 +844,13 @@ class _PrefetchTargets:
 
 
 def _open_shared_tier(args: argparse.Namespace) -> tuple[Any, StoreClient]:
-    """The shared part tier of --shared-cache, and the client it writes with."""
+    """The shared part tier of --shared-cache for `prefetch --to shared`, and its client:
+    reached as a mount reaches it, with the patience of a bulk job (retries, 30 s)."""
     if not args.shared_cache:
         raise UsageError("--to shared needs --shared-cache URL")
-    url = parse_bucket_url(args.shared_cache)
-    endpoint = args.shared_endpoint or args.endpoint
-    if not endpoint:
-        raise UsageError("--shared-cache needs --shared-endpoint (or --endpoint)")
-    try:
-        from .shared import SharedTier  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        raise UsageError("--to shared: this build has no shared part tier") from None
-    options = dataclasses.replace(StoreOptions.from_args(args), endpoint=endpoint)
-    client = make_client(url, options, pool_size=args.threads + 2)
-    try:
-        return SharedTier(client, url.key), client
-    except BaseException:
-        client.close()
-        raise
+    tier = make_shared_tier(args, timeout=30.0)
+    assert tier is not None
+    return tier, tier.store
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:

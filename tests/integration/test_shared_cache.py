@@ -168,3 +168,48 @@ def test_nodes_share_parts_through_the_tier(
     assert cleared.returncode == 0, cleared.stderr
     assert f"deleted {parts} parts" in cleared.stdout
     assert _tier_parts(tier) == {}
+
+
+def test_prefetch_to_shared_warms_every_node(
+    store: LocalStore,
+    tier: LocalStore,
+    origin: NetProxy,
+    mounter: Mounter,
+    sample_tree: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """One job fills the tier with a directory; then two nodes read it with no origin GET."""
+    creds = tmp_path / "tier.passwd"
+    creds.write_text(f"{tier.access_key_id}:{tier.access_key_secret}\n")
+    creds.chmod(0o600)
+    shared = ["--shared-cache", f"s3://{tier.bucket}/warm"]
+    shared += ["--shared-endpoint", tier.endpoint, "--shared-credentials-file", str(creds)]
+    files = {k: p for k, p in sample_tree.items() if k.startswith("data/") and p.stat().st_size}
+    assert files
+    job = run_cli(
+        [
+            "prefetch",
+            f"s3://{store.bucket}/data/",
+            "--endpoint",
+            origin.endpoint,
+            "--part-size",
+            "4M",
+            "--to",
+            "shared",
+            *shared,
+            "--progress",
+            "never",
+        ],
+        env=store_env(store),
+        timeout=120,
+    )
+    assert job.returncode == 0, job.stderr
+    origin.reset_counts()
+    for name in ("warm-a", "warm-b"):
+        extra = ["--part-size", "4M", *shared]
+        node = mounter.mount(endpoint=origin.endpoint, extra=extra, name=name)
+        for key, src in files.items():
+            assert md5_file(node.path / key) == md5_file(src), (name, key)
+        log = node.log()
+        assert "WARNING" not in log, log
+    assert ranged_bytes(origin) == 0  # every byte came from the shared tier
