@@ -374,6 +374,8 @@ def shared_tier_target(args: argparse.Namespace) -> tuple[BucketUrl, StoreOption
         return None
     url = parse_bucket_url(args.shared_cache)
     endpoint = args.shared_endpoint or args.endpoint
+    if not endpoint:
+        raise UsageError("--shared-cache needs --shared-endpoint (or --endpoint)")
     check_endpoint(endpoint)
     base = StoreOptions.from_args(args)
     options = dataclasses.replace(

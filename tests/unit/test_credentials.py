@@ -442,7 +442,7 @@ class Recorder:
         self.auth: list[str] = []
         self.status = 200
 
-    def __call__(self, method, url, path, qs, headers, stream) -> requests.Response:
+    def __call__(self, method, url, path, qs, headers, stream, data=None) -> requests.Response:
         self.auth.append(headers.get("Authorization", ""))
         resp = requests.Response()
         resp.status_code = self.status
