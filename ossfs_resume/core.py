@@ -136,9 +136,11 @@ class BucketFS:
         self._housekeeper.join(timeout=10)
         # Each step on its own: a broken cache must not leave the client open.
         fetchers = [self.fetcher] if self._direct is None else [self.fetcher, self._direct]
-        steps = [*(f.shutdown for f in fetchers), self.cache.close, self.client.close]
+        steps = [f.shutdown for f in fetchers]
         if self.shared is not None:
+            # Before the cache: queued tier puts read their parts back from it.
             steps += [self.shared.close, self.shared.store.close]
+        steps += [self.cache.close, self.client.close]
         for step in steps:
             try:
                 step()

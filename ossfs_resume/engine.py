@@ -462,7 +462,11 @@ class PartFetcher:
                 self.cache.note_fetched(length)
                 if shared is not None and ident is not None:
                     # The buffer never changes once fetched: the put keeps a reference.
-                    shared.put_async(ident, buf)
+                    # When the tier's memory allowance is used up, the put reads the part
+                    # back from the local cache when its turn comes, instead of being lost.
+                    shared.put_async(
+                        ident, buf, reload=lambda pid=pid, n=length: self.cache.read(pid, 0, n)
+                    )
             to_store = buf if entry.store else None
             future.set_result(memoryview(buf))
         except PreconditionFailedError as exc:

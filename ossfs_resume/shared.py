@@ -36,6 +36,10 @@ from .checksum import crc64
 from .errors import NotFoundError
 from .objectstore import Buffer, WritableStore
 
+#: Parts queued to be read back from the local cache (no memory held until their turn):
+#: a node reading faster than the tier takes writes catches up after the burst.
+MAX_OWED = 1 << 16
+
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +116,7 @@ class SharedTier:
         self._down = False
         self._pending: set[str] = set()  # keys queued or being put
         self._pending_bytes = 0
+        self._owed = 0  # queued parts to be read back from the local cache when due
         # Parts found corrupt: warned about once, and overwritten by the next put.
         self._bad: cachetools.LRUCache[str, bool] = cachetools.LRUCache(4096)
         self._closed = False
@@ -226,16 +231,28 @@ class SharedTier:
                 self._bad.pop(key, None)
         return True
 
-    def put_async(self, ident: PartIdentity, data: Buffer) -> None:
+    def put_async(
+        self,
+        ident: PartIdentity,
+        data: Buffer,
+        *,
+        reload: Callable[[], Buffer | None] | None = None,
+    ) -> None:
         """Queue a put and return at once. `data` must not change until the put is
-        done (a fetched part's buffer does not); it is referenced, not copied. Dropped
-        (debug log) when the tier is down, closed, or `max_pending_bytes` are queued."""
+        done (a fetched part's buffer does not); it is referenced, not copied.
+
+        Past `max_pending_bytes` in memory, a part with a `reload` (it reads the part
+        back from the node's local cache) is still queued, holding no memory until its
+        turn, up to `MAX_OWED` of them; without one it is dropped (debug log). Nothing
+        is queued while the tier is down or closed.
+        """
         key = ident.tier_key(self.prefix)
         size = memoryview(data).nbytes
         with self._lock:
             down = self._down and self._clock() < self._down_until
             full = self._pending_bytes + size > self.max_pending_bytes
-            if self._closed or down or full or key in self._pending:
+            owed = full and reload is not None and self._owed < MAX_OWED
+            if self._closed or down or (full and not owed) or key in self._pending:
                 if key not in self._pending:
                     self._stats["skipped"] += 1
                     log.debug(
@@ -247,24 +264,42 @@ class SharedTier:
                     )
                 return
             self._pending.add(key)
-            self._pending_bytes += size
+            if owed:
+                self._owed += 1
+                size = 0
+            else:
+                self._pending_bytes += size
+        job = (lambda: reload()) if owed and reload is not None else (lambda: data)
         try:
-            self._pool.submit(self._put_job, ident, data, key, size)
+            self._pool.submit(self._put_job, ident, job, key, size, owed)
         except RuntimeError:  # the pool is shutting down
-            self._done(key, size)
+            self._done(key, size, owed)
 
-    def _put_job(self, ident: PartIdentity, data: Buffer, key: str, size: int) -> None:
+    def _put_job(
+        self,
+        ident: PartIdentity,
+        load: Callable[[], Buffer | None],
+        key: str,
+        size: int,
+        owed: bool,
+    ) -> None:
         try:
-            self.put(ident, data)
+            data = load()
+            if data is None:  # evicted from the local cache meanwhile: someone else's turn
+                self._count("skipped")
+            else:
+                self.put(ident, data)
         except Exception:  # put never raises; a bug must not kill the worker quietly
             log.exception("shared cache %s: storing %s failed", self.name, key)
         finally:
-            self._done(key, size)
+            self._done(key, size, owed)
 
-    def _done(self, key: str, size: int) -> None:
+    def _done(self, key: str, size: int, owed: bool = False) -> None:
         with self._idle:
             self._pending.discard(key)
             self._pending_bytes -= size
+            if owed:
+                self._owed -= 1
             self._idle.notify_all()
 
     # -- the rest ---------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -59,13 +58,24 @@ def mounted(
     mnt.mkdir(parents=True, exist_ok=True)
     log_file = mnt.parent / f"{mnt.name}.log"
     args = [*CLI, "mount", url, str(mnt), "--endpoint", endpoint, "--cache-dir", str(cache)]
+    # A local cache that holds the whole object: node A's tier puts that fall behind its
+    # reads are read back from it (a smaller cache may evict them first).
+    args += ["--cache-size", "8G", "--cache-min-free", "0"]
     subprocess.run([*args, "--log-file", str(log_file), *extra], check=True, env=env, cwd=REPO)
+    found = subprocess.run(
+        ["pgrep", "-f", f"ossfs_resume.cli mount {url} {mnt} "], capture_output=True, text=True
+    )
+    daemons = [int(pid) for pid in found.stdout.split()]
     try:
         yield mnt
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-        deadline = time.monotonic() + 30
-        while os.path.ismount(mnt) and time.monotonic() < deadline:
+        # The daemon finishes its cache writes and queued tier puts after the kernel lets
+        # go: the next node must see what this one stored.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            os.path.ismount(mnt) or any(Path(f"/proc/{pid}").exists() for pid in daemons)
+        ):
             time.sleep(0.1)
 
 
@@ -94,9 +104,15 @@ def main() -> int:
     try:
         origin.start()
         tier.start()
-        data = random.Random(1).randbytes(args.size)
-        origin.put_bytes(KEY, data)
-        del data
+        src = base / "object.bin"
+        with open(src, "wb") as f:
+            left = args.size
+            while left:
+                chunk = os.urandom(min(left, 64 << 20))
+                f.write(chunk)
+                left -= len(chunk)
+        origin.s3_client().upload_file(str(src), origin.bucket, KEY)
+        src.unlink()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OSS_"))}
         env.update(
             AWS_ACCESS_KEY_ID=origin.access_key_id, AWS_SECRET_ACCESS_KEY=origin.access_key_secret
@@ -124,6 +140,17 @@ def main() -> int:
                 ) as mnt:
                     rate = timed_read(mnt / KEY, args.size)
                 rows.append((name, rate, origin_bytes(proxy)))
+                in_tier = sum(
+                    len(page.get("Contents", []))
+                    for page in tier.s3_client()
+                    .get_paginator("list_objects_v2")
+                    .paginate(Bucket=tier.bucket, Prefix="bench/")
+                )
+                print(f"  parts in the tier after {name}: {in_tier}", flush=True)
+                node_log = (base / f"mnt{len(rows) - 1}.log").read_text(errors="replace")
+                for line in node_log.splitlines():
+                    if "shared cache" in line and ("WARNING" in line or "not stored" in line):
+                        print(f"  {name}: {line}", flush=True)
                 shutil.rmtree(cache, ignore_errors=True)
                 print(
                     f"{name}: {rate:,.0f} MB/s, {rows[-1][2]:,} bytes from the origin", flush=True
@@ -131,7 +158,8 @@ def main() -> int:
     finally:
         origin.stop()
         tier.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
     lines = [
         f"Cold read of {args.size:,} bytes: origin behind netproxy (+{args.latency_ms:g} ms RTT, "
         f"{args.rate_mbps:g} MB/s per connection), shared tier on loopback; one run.",

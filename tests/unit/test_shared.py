@@ -225,6 +225,36 @@ def test_put_async_is_bounded_by_pending_bytes(
     tier.close()
 
 
+def test_past_the_memory_allowance_parts_are_read_back_from_the_local_copy(
+    tier_store: FaultyStore[MemoryStore], clock: Clock
+) -> None:
+    """A node reading faster than the tier takes writes: nothing is lost, no memory held."""
+    tier = SharedTier(tier_store, "", put_workers=1, max_pending_bytes=2 * PART, clock=clock)
+    local = {n: bytes([n]) * PART for n in range(8)}  # the node's local cache
+    reloads: list[int] = []
+
+    def reload(n: int) -> bytes | None:
+        reloads.append(n)
+        return None if n == 7 else local[n]  # part 7 was evicted locally meanwhile
+
+    gate = tier_store.hold("put_object", timeout=5.0)
+    try:
+        for n in range(8):
+            tier.put_async(_ident(n), local[n], reload=lambda n=n: reload(n))
+        assert gate.wait_held(1)
+        parts, nbytes = tier.pending()
+        assert parts == 8 and nbytes <= 2 * PART  # six of them hold no memory while queued
+    finally:
+        gate.release()
+    assert tier.flush(5.0)
+    assert sorted(reloads) == [2, 3, 4, 5, 6, 7]
+    assert len(tier_store.inner.keys()) == 7  # all but the part gone from the local cache
+    for n in range(7):
+        buf = bytearray(PART)
+        assert tier.get_into(_ident(n), memoryview(buf)) and bytes(buf) == local[n]
+    tier.close()
+
+
 def test_put_is_write_if_absent(tier: SharedTier, tier_store: FaultyStore[MemoryStore]) -> None:
     first = b"a" * PART
     assert tier.put(_ident(), first)
