@@ -23,6 +23,7 @@ from .errors import CacheWriteError, OssfsError, UsageError
 from .objectstore import ObjectMeta, ObjectStore
 from .parts import check_threads, part_bounds, part_count
 from .progress import AggregateProgress, ProgressTracker, format_bytes
+from .shared import PartIdentity
 
 log = logging.getLogger(__name__)
 
@@ -385,19 +386,11 @@ class SharedTierLike(Protocol):
     def has(self, ident: Any) -> bool: ...
 
 
-def _identity_type() -> Callable[..., Any]:
-    from .shared import PartIdentity  # the shared tier's module: only when it is used
-
-    return PartIdentity
-
-
-#: Builds a part's identity in the shared tier; tests may swap in a look-alike.
-identity_factory: Callable[[], Callable[..., Any]] = _identity_type
-
-
-def part_identity(client: ObjectStore, meta: ObjectMeta, part_size: int, number: int) -> Any:
+def part_identity(
+    client: ObjectStore, meta: ObjectMeta, part_size: int, number: int
+) -> PartIdentity:
     cfg = client.config
-    return identity_factory()(
+    return PartIdentity(
         store_id=cfg.store_id,
         bucket=cfg.bucket,
         key=meta.key,

@@ -7,7 +7,6 @@ import io
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,18 +187,6 @@ def test_a_set_larger_than_the_cache_limit_is_refused(cache: PartCache) -> None:
 # -- the shared tier ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FakeIdentity:
-    """The fields of shared.PartIdentity (the real one lives on another branch)."""
-
-    store_id: str
-    bucket: str
-    key: str
-    etag: str
-    part_size: int
-    number: int
-
-
 class FakeTier:
     name = "mem://tier"
 
@@ -221,16 +208,6 @@ class FakeTier:
         return ident in self.parts
 
 
-@pytest.fixture
-def fake_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        from ossfs_resume.shared import PartIdentity  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        PartIdentity = FakeIdentity
-    monkeypatch.setattr(prefetch, "identity_factory", lambda: PartIdentity)
-
-
-@pytest.mark.usefixtures("fake_identity")
 def test_filling_the_shared_tier_puts_every_part_from_the_origin_and_resumes(
     tmp_path: Path,
 ) -> None:
@@ -262,7 +239,6 @@ def test_filling_the_shared_tier_puts_every_part_from_the_origin_and_resumes(
     assert origin.count("get_range") == 3
 
 
-@pytest.mark.usefixtures("fake_identity")
 def test_a_tier_that_refuses_stops_the_set_with_one_line() -> None:
     origin = _bucket()
     tier = FakeTier(refuse=True)
@@ -276,7 +252,6 @@ def test_a_tier_that_refuses_stops_the_set_with_one_line() -> None:
     assert tier.puts == 1
 
 
-@pytest.mark.usefixtures("fake_identity")
 def test_a_put_that_loses_a_race_is_not_a_refusal() -> None:
     origin = _bucket()
     tier = FakeTier()
@@ -324,14 +299,6 @@ def cli_main() -> Iterator[Callable[[list[str]], int]]:
         root.setLevel(saved[1])
 
 
-def _shared_tier_available() -> bool:
-    try:
-        import ossfs_resume.shared  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -345,13 +312,3 @@ def test_to_shared_options_are_one_line(
     assert cli_main(["prefetch", "/nonexistent/file", "--to", "shared", *extra]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and needle in err[0], err
-
-
-@pytest.mark.skipif(_shared_tier_available(), reason="this build has the shared tier")
-def test_to_shared_without_the_shared_module_is_one_line(
-    capsys: pytest.CaptureFixture[str], cli_main: Callable[[list[str]], int]
-) -> None:
-    argv = ["prefetch", "s3://b/k", "--to", "shared", "--shared-cache", "s3://tier"]
-    assert cli_main([*argv, "--shared-endpoint", "http://127.0.0.1:9"]) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert err == ["ossfs-resume: error: --to shared: this build has no shared part tier"]
