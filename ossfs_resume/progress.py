@@ -29,6 +29,35 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _display(mode: ProgressMode, stream: TextIO) -> tuple[bool, bool]:
+    """(draw a bar, write a line every few seconds) for `mode` on `stream`: "auto" draws
+    on a terminal and writes lines elsewhere."""
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"bad progress mode {mode!r}")
+    if mode == "auto":
+        isatty = getattr(stream, "isatty", None)
+        bar = bool(isatty and isatty())
+        return bar, not bar
+    return mode == "always", False
+
+
+def _byte_bar(desc: str, total: int, initial: int, stream: TextIO) -> Any:
+    """A tqdm bar counting bytes (imported here: only a terminal needs it)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=stream,
+        dynamic_ncols=True,
+        leave=True,
+    )
+
+
 class ProgressReporter:
     """A ``(consumed_bytes, total_bytes)`` callback that draws a bar or logs start/end.
 
@@ -46,17 +75,10 @@ class ProgressReporter:
         interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if mode not in ("auto", "always", "never"):
-            raise ValueError(f"bad progress mode {mode!r}")
         self.desc = desc
         self.stream = stream if stream is not None else sys.stderr
-        if mode == "auto":
-            isatty = getattr(self.stream, "isatty", None)
-            self.enabled = bool(isatty and isatty())
-        else:
-            self.enabled = mode == "always"
         # Off a terminal (auto mode): a progress line every `interval` seconds instead.
-        self.periodic = mode == "auto" and not self.enabled
+        self.enabled, self.periodic = _display(mode, self.stream)
         self.interval = interval
         self._clock = clock
         self._last_line = 0.0
@@ -103,19 +125,7 @@ class ProgressReporter:
         self._last_line = self._started
         self._first = consumed
         if self.enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=total,
-                initial=consumed,
-                desc=self.desc,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                file=self.stream,
-                dynamic_ncols=True,
-                leave=True,
-            )
+            self._bar = _byte_bar(self.desc, total, consumed, self.stream)
         else:
             resumed = f", resuming at {format_bytes(consumed)}" if consumed else ""
             log.info("%s: starting, %s%s", self.desc, format_bytes(total), resumed)
@@ -224,16 +234,9 @@ class AggregateProgress:
         interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if mode not in ("auto", "always", "never"):
-            raise ValueError(f"bad progress mode {mode!r}")
         self.desc = desc
         self.stream = stream if stream is not None else sys.stderr
-        if mode == "auto":
-            isatty = getattr(self.stream, "isatty", None)
-            self.bar_enabled = bool(isatty and isatty())
-        else:
-            self.bar_enabled = mode == "always"
-        self.periodic = mode == "auto" and not self.bar_enabled
+        self.bar_enabled, self.periodic = _display(mode, self.stream)
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
@@ -255,19 +258,7 @@ class AggregateProgress:
             self._first = bytes_done
             self._started = self._last_line = self._clock()
         if self.bar_enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=bytes_total,
-                initial=bytes_done,
-                desc=self.desc,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                file=self.stream,
-                dynamic_ncols=True,
-                leave=True,
-            )
+            self._bar = _byte_bar(self.desc, bytes_total, bytes_done, self.stream)
             self._bar.set_postfix_str(self._files_text(), refresh=False)
         else:
             resumed = f", {format_bytes(bytes_done)} already cached" if bytes_done else ""
