@@ -362,18 +362,24 @@ def _meta_error(endpoint: str, exc: Exception) -> CredentialsError:
     return CredentialsError(f"metadata service {endpoint}: {reason}")
 
 
-def ecs_role_name(endpoint: str, timeout: float) -> str:
-    """The RAM role attached to this ECS instance."""
-    url = f"{endpoint}/latest/meta-data/ram/security-credentials/"
+def _attached_role(
+    endpoint: str, path: str, kind: str, timeout: float, headers: dict[str, str] | None = None
+) -> str:
+    """The first role a metadata service lists at `path` (ECS and EC2 list them alike)."""
     try:
-        resp = requests.get(url, timeout=timeout)
+        resp = requests.get(f"{endpoint}{path}", headers=headers, timeout=timeout)
         resp.raise_for_status()
     except requests.RequestException as exc:
         raise _meta_error(endpoint, exc) from None
     role = resp.text.strip().splitlines()[0].strip() if resp.text.strip() else ""
     if not role:
-        raise CredentialsError(f"metadata service {endpoint}: no RAM role attached")
+        raise CredentialsError(f"metadata service {endpoint}: no {kind} role attached")
     return role
+
+
+def ecs_role_name(endpoint: str, timeout: float) -> str:
+    """The RAM role attached to this ECS instance."""
+    return _attached_role(endpoint, "/latest/meta-data/ram/security-credentials/", "RAM", timeout)
 
 
 def fetch_ecs_role(endpoint: str, role: str, timeout: float) -> tuple[Credentials, float | None]:
@@ -411,20 +417,10 @@ def _imds_headers(endpoint: str, timeout: float) -> dict[str, str]:
 
 
 def ec2_role_name(endpoint: str, timeout: float) -> str:
+    """The IAM role attached to this EC2 instance (IMDSv2 where offered)."""
     headers = _imds_headers(endpoint, timeout)
-    try:
-        resp = requests.get(
-            f"{endpoint}/latest/meta-data/iam/security-credentials/",
-            headers=headers,
-            timeout=timeout,
-        )
-        resp.raise_for_status()
-    except requests.RequestException as exc:
-        raise _meta_error(endpoint, exc) from None
-    role = resp.text.strip().splitlines()[0].strip() if resp.text.strip() else ""
-    if not role:
-        raise CredentialsError(f"metadata service {endpoint}: no IAM role attached")
-    return role
+    path = "/latest/meta-data/iam/security-credentials/"
+    return _attached_role(endpoint, path, "IAM", timeout, headers)
 
 
 def fetch_ec2_role(endpoint: str, role: str, timeout: float) -> tuple[Credentials, float | None]:
