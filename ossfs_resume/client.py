@@ -589,13 +589,7 @@ class StoreClient:
                         f"cannot connect to {self.config.endpoint} securely: {reason}", key=key
                     ) from None
                 # A handshake cut short is a connection failure like any other.
-                if attempt >= self.config.max_attempts or probing:
-                    self._mark_down(reason)
-                    raise StoreUnavailableError(
-                        f"cannot reach {self.config.endpoint}: {reason} (after {attempt} attempts)",
-                        key=key,
-                    ) from None
-                self._retrying(method, key, reason, attempt)
+                self._unreachable(method, key, reason, attempt, probing)
                 continue
             except (
                 requests.ConnectionError,
@@ -603,15 +597,7 @@ class StoreClient:
                 requests.exceptions.ChunkedEncodingError,  # a body cut short
             ) as exc:
                 self.counters.add_response(kind, "error")
-                reason = _connection_reason(exc)
-                # A probe of a store already down gets one attempt: it fails in one timeout.
-                if attempt >= self.config.max_attempts or probing:
-                    self._mark_down(reason)
-                    raise StoreUnavailableError(
-                        f"cannot reach {self.config.endpoint}: {reason} (after {attempt} attempts)",
-                        key=key,
-                    ) from None
-                self._retrying(method, key, reason, attempt)
+                self._unreachable(method, key, _connection_reason(exc), attempt, probing)
                 continue
             log.debug(
                 "%s %s %s -> %d in %.1f ms",
@@ -663,6 +649,18 @@ class StoreClient:
             allow_redirects=False,
             **settings,
         )
+
+    def _unreachable(self, method: str, key: str, reason: str, attempt: int, probing: bool) -> None:
+        """The store could not be reached: back off for another attempt, or give up (and
+        mark it down) after the last one. A probe of a store already down gets one
+        attempt: it fails in one timeout."""
+        if attempt >= self.config.max_attempts or probing:
+            self._mark_down(reason)
+            raise StoreUnavailableError(
+                f"cannot reach {self.config.endpoint}: {reason} (after {attempt} attempts)",
+                key=key,
+            ) from None
+        self._retrying(method, key, reason, attempt)
 
     def _retrying(self, method: str, key: str, reason: str, attempt: int) -> None:
         self.counters.add("retries")
