@@ -143,19 +143,12 @@ def sweep(index: PartIndex, files: PartFiles) -> int:
         for pid, rec in page:
             if isinstance(rec, str):
                 continue
-            try:
-                size = files.path(pid).stat().st_size
-            except OSError:
-                size = -1
-            if size == rec.length:
+            if files.size(pid) == rec.length:
                 continue
             with index.writing() as conn:
                 if index.row_state(conn, pid) != "ready":
                     continue
-                try:
-                    size = files.path(pid).stat().st_size
-                except OSError:
-                    size = -1
+                size = files.size(pid)  # again, under the lock: a writer may have been quicker
                 if size == rec.length:
                     continue
                 log.warning(

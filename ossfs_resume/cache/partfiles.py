@@ -102,6 +102,13 @@ class PartFiles:
                 tmp.unlink()
             raise
 
+    def size(self, pid: PartId) -> int:
+        """The size of a part's file; -1 if it has none."""
+        try:
+            return self.path(pid).stat().st_size
+        except OSError:
+            return -1
+
     def unlink(self, pid: PartId) -> None:
         with contextlib.suppress(OSError):
             self.path(pid).unlink()
