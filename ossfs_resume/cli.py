@@ -865,6 +865,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         plan_file,
         prefetch_set,
         prefetch_set_to_tier,
+        start_progress,
     )
     from .progress import AggregateProgress
 
@@ -921,13 +922,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
                 check_fits([p for d, p in planned if d == cache_dir], cache.max_bytes)
         failed: list[tuple[str, str]] = []
         with AggregateProgress("prefetch", mode=args.progress) as progress:
-            totals = SetTotals.of(plans)
-            progress.start(
-                files_total=totals.files,
-                files_done=totals.files_complete,
-                bytes_total=totals.size,
-                bytes_done=totals.cached,
-            )
+            start_progress(progress, plans)
             options = {"files": args.files, "threads": args.threads, "progress": progress}
             if shared:
                 result = prefetch_set_to_tier(plans, tier, stop=stop, **options)

@@ -277,6 +277,17 @@ class SetResult:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (name, one-line reason)
 
 
+def start_progress(progress: AggregateProgress, plans: Sequence[FilePlan]) -> None:
+    """Start the display from what `plans` hold and what is already there."""
+    totals = SetTotals.of(plans)
+    progress.start(
+        files_total=totals.files,
+        files_done=totals.files_complete,
+        bytes_total=totals.size,
+        bytes_done=totals.cached,
+    )
+
+
 def prefetch_set(
     plans: Sequence[FilePlan],
     cache: PartStore,
@@ -305,13 +316,7 @@ def prefetch_set(
     lock = threading.Lock()
     fatal: list[BaseException] = []
     if progress is not None and not progress.started:  # else: the caller's set is larger
-        totals = SetTotals.of(plans)
-        progress.start(
-            files_total=totals.files,
-            files_done=totals.files_complete,
-            bytes_total=totals.size,
-            bytes_done=totals.cached,
-        )
+        start_progress(progress, plans)
     todo = [p for p in plans if p.missing]
     for plan in todo:
         if id(plan.client) not in engines:
