@@ -152,6 +152,22 @@ def proxy(store: LocalStore) -> Iterator[NetProxy]:
         yield p
 
 
+def proxy_ranges(proxy: NetProxy) -> list[tuple[int, int]]:
+    """(start, end) of every ranged GET the proxy relayed (the server-side view)."""
+    out = []
+    for method, _path, rng in proxy.requests():
+        if method == "GET" and rng:
+            match = re.fullmatch(r"bytes=(\d+)-(\d+)", rng)
+            assert match, rng
+            out.append((int(match.group(1)), int(match.group(2))))
+    return out
+
+
+def ranged_bytes(proxy: NetProxy) -> int:
+    """Bytes asked for by the ranged GETs the proxy relayed."""
+    return sum(end - start + 1 for start, end in proxy_ranges(proxy))
+
+
 def store_env(store: LocalStore, protocol: str = "s3") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OSS_"))}
     env.update(NO_METADATA)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-import re
 import shlex
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CLI, REPO, run_cli, store_env
+from conftest import CLI, REPO, ranged_bytes, run_cli, store_env
 from netproxy import NetProxy, ProxyConfig
 
 from ossfs_resume.client import StoreClient, StoreConfig
@@ -39,17 +38,6 @@ MID = 16 * MIB + 12345  # the in-process tests' object: 17 parts of 1 MiB
 def download_cli() -> list[str]:
     """The real ``ossfs-resume download`` command."""
     return [*CLI, "download"]
-
-
-def ranged_bytes(proxy: NetProxy) -> int:
-    """Bytes asked for by the ranged GETs the proxy relayed (server-side view)."""
-    total = 0
-    for method, _path, rng in proxy.requests():
-        if method == "GET" and rng:
-            match = re.fullmatch(r"bytes=(\d+)-(\d+)", rng)
-            assert match, rng
-            total += int(match.group(2)) - int(match.group(1)) + 1
-    return total
 
 
 def md5(data: bytes) -> str:

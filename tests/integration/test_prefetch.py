@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI, REPO, Mounter, md5_file, run_cli, store_env
+from conftest import CLI, REPO, Mounter, md5_file, proxy_ranges, run_cli, store_env
 from netproxy import NetProxy, ProxyConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.fuse]
@@ -21,14 +20,7 @@ MIB = 1 << 20
 
 
 def _ranges(proxy: NetProxy) -> set[tuple[int, int]]:
-    """(start, end) of every ranged GET the proxy relayed."""
-    out = set()
-    for method, _path, rng in proxy.requests():
-        if method == "GET" and rng:
-            match = re.fullmatch(r"bytes=(\d+)-(\d+)", rng)
-            assert match, rng
-            out.add((int(match.group(1)), int(match.group(2))))
-    return out
+    return set(proxy_ranges(proxy))
 
 
 @pytest.fixture

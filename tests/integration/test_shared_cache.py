@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mounter, md5_file, run_cli, store_env
+from conftest import Mounter, md5_file, ranged_bytes, run_cli, store_env
 from local_store import LocalStore
 from netproxy import NetProxy, ProxyConfig
 
@@ -42,17 +41,6 @@ def origin(store: LocalStore) -> Iterator[NetProxy]:
     port = int(store.endpoint.rsplit(":", 1)[1])
     with NetProxy(ProxyConfig(upstream_port=port, latency_ms=20, rate_bytes_per_s=64e6)) as p:
         yield p
-
-
-def ranged_bytes(proxy: NetProxy) -> int:
-    """Bytes asked for by the ranged GETs the proxy relayed (server-side view)."""
-    total = 0
-    for method, _path, rng in proxy.requests():
-        if method == "GET" and rng:
-            match = re.fullmatch(r"bytes=(\d+)-(\d+)", rng)
-            assert match, rng
-            total += int(match.group(2)) - int(match.group(1)) + 1
-    return total
 
 
 def _port(store: LocalStore) -> int:
