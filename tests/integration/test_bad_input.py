@@ -337,3 +337,33 @@ def test_cache_commands_on_a_read_only_cache(read_only_cache: Path, command: str
     result = run_cli(["cache", command, "--cache-dir", str(read_only_cache)])
     assert_one_line_error(result, f"cache at {read_only_cache}", "not writable", "Read-only")
     assert snapshot(read_only_cache) == before
+
+
+def test_new_commands_and_options_give_one_line_and_touch_nothing(
+    store, proxy, tmp_path: Path
+) -> None:
+    """download --cache-dir without a cache, config show of a missing file, stats of a
+    directory that is no mount, shared-cache with a bad URL: one line, no request."""
+    out = tmp_path / "out.bin"
+    not_a_cache = tmp_path / "empty"
+    not_a_cache.mkdir()
+    cases = [
+        (
+            [
+                *["download", f"s3://{store.bucket}/big/blob.bin", str(out)],
+                *["--endpoint", proxy.endpoint, "--cache-dir", str(not_a_cache)],
+            ],
+            "no cache at --cache-dir",
+        ),
+        (["config", "show", "--config", str(tmp_path / "absent.toml")], "does not exist"),
+        (["stats", str(tmp_path)], "is not an ossfs-resume mount"),
+        (
+            ["shared-cache", "stats", "ftp://tier", "--endpoint", proxy.endpoint],
+            "unknown URL scheme",
+        ),
+    ]
+    for args, needle in cases:
+        assert_one_line_error(run_cli(args, env=store_env(store)), needle)
+    assert proxy.requests() == []
+    assert not out.exists()
+    assert list(not_a_cache.iterdir()) == []  # a download never creates a cache
