@@ -67,6 +67,10 @@ T = TypeVar("T")
 
 #: A transient index failure is retried after this long.
 RETRY_SECONDS = 5.0
+#: A part write that works this soon after one failed is the same outage, not its end:
+#: on a nearly full disk, writes fail and succeed in turn as eviction frees space, and
+#: each turn would otherwise log "cannot write" and "accepts writes again" anew.
+WRITE_RECOVERY_SECONDS = 5.0
 INDEX_NAME = "index.db"
 #: Every SQLite database file starts with these bytes (written when WAL mode is set).
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -147,6 +151,7 @@ class PartCache:
         self._retry_at = 0.0
         self._outage: str | None = None  # why the index is unusable, while it is
         self._write_fault: str | None = None  # why the last part write failed, until one works
+        self._write_fault_at = 0.0  # when the last part write failed (monotonic)
         self._handles: cachetools.LRUCache[PartId, VerifiedPart] = cachetools.LRUCache(
             maxsize=open_handles
         )
@@ -631,7 +636,10 @@ class PartCache:
             with self._lock:
                 # We checksummed these very bytes: serve them without re-reading.
                 self._verified[pid] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._write_fault is not None:
+        if (
+            self._write_fault is not None
+            and time.monotonic() - self._write_fault_at >= WRITE_RECOVERY_SECONDS
+        ):
             log.warning("the cache at %s accepts writes again", self.root)
             self._write_fault = None
         return True
@@ -654,6 +662,7 @@ class PartCache:
                 exc,
             )
         self._write_fault = str(exc)
+        self._write_fault_at = time.monotonic()
 
     def index_problem(self) -> str | None:
         """Why the index cannot be used right now, or None if it can."""

@@ -551,3 +551,30 @@ def test_a_deferred_version_is_recorded_by_the_next_flush(
     assert not cache.has(PartId(old, PART, 0))  # the replaced version's parts went
     row = cache._current_index().object_by_name(partcache_module.name_id(STORE, "bkt", "k"))
     assert row is not None and row.oid == new
+
+
+def test_writes_that_fail_and_succeed_in_turn_are_one_outage(
+    cache: PartCache, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A nearly full disk: eviction frees a little, one write works, the next fails."""
+    real_write = cache.files.write
+    full = {"now": False}
+
+    def write(pid: PartId, data: object, writer: str) -> None:
+        if full["now"]:
+            raise OSError(28, "No space left on device")
+        real_write(pid, data, writer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache.files, "write", write)
+    caplog.set_level(logging.WARNING)
+    for n in range(6):
+        full["now"] = n % 2 == 0
+        assert cache.store(_pid(n), _data()) is (not full["now"])
+    ours = [w for w in _warnings(caplog) if str(cache.root) in w]
+    assert len(ours) == 1 and "No space left" in ours[0]
+    assert cache.writes_refused() is not None  # still the same outage
+    monkeypatch.setattr(partcache_module, "WRITE_RECOVERY_SECONDS", 0.0)
+    full["now"] = False
+    assert cache.store(_pid(9), _data())
+    assert cache.writes_refused() is None
+    assert any("accepts writes again" in w for w in _warnings(caplog))
