@@ -31,9 +31,6 @@ from typing import TYPE_CHECKING, Literal
 from typing import Protocol as TypingProtocol
 from urllib.parse import unquote_plus, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
-
 from .errors import (
     AccessDeniedError,
     InvalidRangeError,
@@ -54,6 +51,13 @@ from .signing import (
     sign_oss_v1,
     sign_oss_v4,
     sign_s3_v4,
+)
+from .transport import (
+    ConnectionPool,
+    Response,
+    TimedOut,
+    TLSFailed,
+    TransportError,
 )
 
 log = logging.getLogger(__name__)
@@ -103,7 +107,7 @@ class StoreConfig:
     # After the store was found unreachable, fail requests at once for this long (0: never).
     down_latch: float = 2.0
 
-    # CA certificates to verify an https endpoint with (None: requests' default).
+    # CA certificates to verify an https endpoint with (None: certifi's, else the system's).
     ca_bundle: str | None = None
 
     def __post_init__(self) -> None:
@@ -255,20 +259,19 @@ class StoreClient:
         self._down_until = 0.0
         self._down_reason = ""
         self._answered = False  # has the store ever answered this client?
-        self._session = requests.Session()
-        adapter = HTTPAdapter(
-            pool_connections=2,
-            pool_maxsize=max(1, config.pool_size),
-            pool_block=True,  # more threads than connections wait instead of churning sockets
-            max_retries=0,  # retries are ours: they must also cover bodies cut short
+        # More threads than connections wait for one instead of churning sockets;
+        # retries are ours (they must also cover bodies cut short).
+        self._pool = ConnectionPool(
+            config.endpoint,
+            maxsize=config.pool_size,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            ca_bundle=config.ca_bundle,
         )
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
         split = urlsplit(config.endpoint)
         self._scheme = split.scheme
         self._netloc = split.netloc
         self._host = split.hostname or ""
-        self._verify: bool | str = config.ca_bundle or True
 
     # -- public API -------------------------------------------------------
 
@@ -351,7 +354,7 @@ class StoreClient:
             except BaseException:
                 resp.close()
                 raise
-            resp.raw.release_conn()
+            resp.release()
         return buf
 
     def list_page(
@@ -403,7 +406,7 @@ class StoreClient:
                 n = self._read_into(resp, view, key)
             except _Retry as exc:
                 raise StoreUnavailableError(f"GET {self.describe(key)}: {exc}", key=key) from None
-            resp.raw.release_conn()
+            resp.release()
             return meta, n
         finally:
             resp.close()
@@ -423,7 +426,7 @@ class StoreClient:
         409); a store that ignores the condition overwrites, which callers writing
         the same bytes under a content address tolerate. True: written."""
         meta_prefix = "x-oss-meta-" if self.config.protocol == "oss" else "x-amz-meta-"
-        body = bytes(data)  # requests needs a sized bytes body; one part at most
+        body = bytes(data)  # one part at most
         sent = {**(headers or {}), "Content-Length": str(len(body))}
         for name, value in (metadata or {}).items():
             sent[meta_prefix + name.lower()] = value
@@ -454,7 +457,7 @@ class StoreClient:
         self.list_page(prefix, "/", max_keys=1)
 
     def close(self) -> None:
-        self._session.close()
+        self._pool.close()
 
     # -- internals --------------------------------------------------------
 
@@ -559,7 +562,7 @@ class StoreClient:
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
         data: bytes | None = None,
-    ) -> requests.Response:
+    ) -> Response:
         """Send with retries on connection errors, 429 and 5xx; raise mapped errors."""
         query = dict(query or {})
         kind = "head" if method == "HEAD" else "list" if "list-type" in query else "get"
@@ -580,7 +583,7 @@ class StoreClient:
             started = time.monotonic()
             try:
                 resp = self._send(method, url, path, qs, hdrs, stream, data)
-            except requests.exceptions.SSLError as exc:
+            except TLSFailed as exc:
                 self.counters.add_response(kind, "error")
                 reason, permanent = _tls_reason(exc)
                 if permanent:
@@ -591,11 +594,7 @@ class StoreClient:
                 # A handshake cut short is a connection failure like any other.
                 self._unreachable(method, key, reason, attempt, probing)
                 continue
-            except (
-                requests.ConnectionError,
-                requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,  # a body cut short
-            ) as exc:
+            except TransportError as exc:  # refused, reset, timed out, cut short
                 self.counters.add_response(kind, "error")
                 self._unreachable(method, key, _connection_reason(exc), attempt, probing)
                 continue
@@ -629,26 +628,22 @@ class StoreClient:
         headers: dict[str, str],
         stream: bool,
         data: bytes | None = None,
-    ) -> requests.Response:
-        """One HTTP exchange, with the path and query exactly as encoded and signed."""
-        prepared = self._session.prepare_request(
-            requests.Request(method, url, headers=headers, data=data)
-        )
-        # Preparing re-quotes the URL: it turns %2E back into "." and drops dot segments,
-        # so the request would name another key than the one signed. Keep requests'
-        # scheme and host, put back our path and query.
-        split = urlsplit(prepared.url)
-        prepared.url = f"{split.scheme}://{split.netloc}{path}" + (f"?{qs}" if qs else "")
-        # What Session.request adds: proxies and CA bundle from the environment.
-        settings = self._session.merge_environment_settings(
-            prepared.url, {}, stream, self._verify, None
-        )
-        return self._session.send(
-            prepared,
-            timeout=(self.config.connect_timeout, self.config.read_timeout),
-            allow_redirects=False,
-            **settings,
-        )
+    ) -> Response:
+        """One HTTP exchange, with the path and query exactly as encoded and signed.
+
+        `url` names the host (virtual-hosted style puts the bucket there); the
+        body is read by the caller (`stream`) or here, whole."""
+        target = path + (f"?{qs}" if qs else "")
+        if "Host" not in headers and "host" not in headers:
+            headers["Host"] = urlsplit(url).netloc
+        resp = self._pool.request(method, target, headers, data)
+        if not stream:
+            try:
+                resp.content  # noqa: B018 - read whole: the connection goes back to the pool
+            except BaseException:
+                resp.close()
+                raise
+        return resp
 
     def _unreachable(self, method: str, key: str, reason: str, attempt: int, probing: bool) -> None:
         """The store could not be reached: back off for another attempt, or give up (and
@@ -672,7 +667,7 @@ class StoreClient:
         ceiling = min(self.config.backoff_cap, self.config.backoff_base * (2 ** (attempt - 1)))
         time.sleep(random.uniform(ceiling / 2, ceiling))
 
-    def _error_from_response(self, method: str, key: str, resp: requests.Response) -> StoreError:
+    def _error_from_response(self, method: str, key: str, resp: Response) -> StoreError:
         status = resp.status_code
         code = message = None
         if method != "HEAD":
@@ -681,7 +676,7 @@ class StoreClient:
                 root = ET.fromstring(body)
                 code = _child_text(root, "Code")
                 message = _child_text(root, "Message")
-            except (ET.ParseError, requests.RequestException):
+            except (ET.ParseError, TransportError):
                 pass
         request_id = resp.headers.get("x-oss-request-id") or resp.headers.get("x-amz-request-id")
         what = f"{method} {self.describe(key)}"
@@ -725,7 +720,7 @@ class StoreClient:
 
     def _check_range_response(
         self,
-        resp: requests.Response,
+        resp: Response,
         key: str,
         start: int,
         end: int,
@@ -748,16 +743,12 @@ class StoreClient:
                 f"{what}: the object changed (ETag {etag} != {if_match})", status=412, key=key
             )
 
-    def _read_into(self, resp: requests.Response, view: memoryview, key: str) -> int:
+    def _read_into(self, resp: Response, view: memoryview, key: str) -> int:
         """Read the body into `view`; a short body raises _Retry with bytes kept in `view`."""
-        raw = resp.raw
-        readinto = raw.readinto
-        # urllib3's readinto is a read() plus a copy; the http.client response under it
-        # reads straight into our buffer. Only for a body sent as is (we ask for identity).
-        fp = getattr(raw, "_fp", None)
-        identity = resp.headers.get("Content-Encoding", "identity") == "identity"
-        if identity and hasattr(fp, "readinto"):
-            readinto = fp.readinto
+        encoding = resp.headers.get("Content-Encoding") or "identity"
+        if encoding != "identity":  # asked for identity: anything else is not our bytes
+            raise ProtocolError(f"GET {self.describe(key)}: answered with {encoding} encoding")
+        readinto = resp.readinto
         filled = 0
         total = len(view)
         try:
@@ -766,7 +757,7 @@ class StoreClient:
                 if not n:
                     break
                 filled += n
-        except Exception as exc:  # urllib3/http.client errors vary by version
+        except TransportError as exc:
             self.counters.add("bytes_received", filled)
             raise _Retry(
                 f"body cut short after {filled} of {total} bytes ({type(exc).__name__})", filled
@@ -866,7 +857,7 @@ def parse_iso8601(value: str | None) -> float:
 
 
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
-    """The ssl module's error inside what requests and urllib3 wrapped around it."""
+    """The ssl module's error under a transport error."""
     todo: list[object] = [exc]
     seen: set[int] = set()
     while todo:
@@ -911,7 +902,7 @@ def _connection_reason(exc: Exception) -> str:
     ):
         if marker in text:
             return reason
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, TimedOut):
         return "timed out"
     return type(exc).__name__
 

@@ -25,7 +25,6 @@ from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 import pytest
-import requests
 
 from ossfs_resume.checksum import crc64
 from ossfs_resume.client import (
@@ -51,6 +50,7 @@ from ossfs_resume.errors import (
     UsageError,
 )
 from ossfs_resume.signing import Credentials
+from ossfs_resume.transport import ConnectFailed
 
 from .conftest import serving
 
@@ -519,11 +519,11 @@ class _Outage:
     network, and while `down` fails each as a refused connection."""
 
     def __init__(self, client: StoreClient) -> None:
-        self.real = client._session.send
+        self.real = client._pool.request
         self.down = False
         self.sent = 0
         self.while_sending: Callable[[], None] | None = None  # runs inside the next request
-        client._session.send = self  # type: ignore[method-assign]
+        client._pool.request = self  # type: ignore[method-assign]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.sent += 1
@@ -531,7 +531,7 @@ class _Outage:
         if hook is not None:
             hook()
         if self.down:
-            raise requests.ConnectionError("[Errno 111] Connection refused")
+            raise ConnectFailed("[Errno 111] Connection refused")
         return self.real(*args, **kwargs)
 
 

@@ -11,10 +11,11 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-import requests
 from metadata_server import MetadataServer
 
 from ossfs_resume.client import StoreClient, StoreConfig
@@ -31,6 +32,7 @@ from ossfs_resume.credentials import (
 )
 from ossfs_resume.errors import AccessDeniedError, StoreError, UsageError
 from ossfs_resume.signing import Credentials
+from ossfs_resume.transport import Headers
 
 NONE = ChainOptions()
 
@@ -442,16 +444,35 @@ class Recorder:
         self.auth: list[str] = []
         self.status = 200
 
-    def __call__(self, method, url, path, qs, headers, stream, data=None) -> requests.Response:
+    def __call__(self, method, url, path, qs, headers, stream, data=None) -> Any:
         self.auth.append(headers.get("Authorization", ""))
-        resp = requests.Response()
-        resp.status_code = self.status
-        resp.headers["Content-Length"] = "5"
-        resp.headers["ETag"] = '"abc"'
-        resp.headers["Last-Modified"] = "Mon, 01 Jan 2024 00:00:00 GMT"
-        resp._content = b"<Error><Code>AccessDenied</Code></Error>" if self.status >= 300 else b""
-        resp._content_consumed = True
-        return resp
+        body = b"<Error><Code>AccessDenied</Code></Error>" if self.status >= 300 else b""
+        return _Answer(
+            self.status,
+            Headers(
+                [
+                    ("Content-Length", "5"),
+                    ("ETag", '"abc"'),
+                    ("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+                ]
+            ),
+            body,
+        )
+
+
+@dataclass
+class _Answer:
+    """What the client reads of a transport response."""
+
+    status_code: int
+    headers: Headers
+    content: bytes
+    reason: str = ""
+
+    def close(self) -> None:
+        pass
+
+    release = close
 
 
 def client_with(provider, recorder: Recorder, protocol: str = "s3") -> StoreClient:

@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
         "config",
         "logs",
         "metrics",
+        "transport",
     },
     {"client", "objectstore"},
     {"credentials"},
