@@ -48,6 +48,7 @@ from .parts import DEFAULT_PART_SIZE, check_part_size, parse_size
 
 if TYPE_CHECKING:
     from .cache import PartCache
+    from .core import MemoryPlan
     from .shared import SharedTier
 
 log = logging.getLogger("ossfs_resume")
@@ -177,6 +178,20 @@ def _cache_limit_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def memory_plan(text: str, part_size: int, max_parallel: int | None) -> MemoryPlan:
+    """--memory-limit as a plan for the mount, or one UsageError."""
+    from .core import plan_memory
+
+    limit = parse_size(text)
+    try:
+        return plan_memory(limit, part_size, max_parallel)
+    except ValueError as exc:
+        raise UsageError(
+            f"bad --memory-limit {text}: {exc} ({_human(2 * part_size)} "
+            f"with part size {_human(part_size)})"
+        ) from None
+
+
 def cache_limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
     """(--cache-size, --cache-min-free) in bytes, None where not given."""
     size = parse_size(args.cache_size) if args.cache_size else None
@@ -212,10 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = always revalidate, or 'never' (default 10)",
     )
     mount.add_argument(
+        "--memory-limit",
+        default="128M",
+        help="memory for part data: fetches in flight, read-ahead, parts kept for readers "
+        "(at least 2 parts; default 128M: peak RSS stays under 200 MiB). More buys more "
+        "parallel fetches, for long links",
+    )
+    mount.add_argument(
         "--max-parallel",
         type=int,
-        default=16,
-        help=f"parallel part fetches (1..{MAX_PARALLEL}, default 16)",
+        default=None,
+        help=f"parallel part fetches (1..{MAX_PARALLEL}; default: parts that fit "
+        "--memory-limit, 4..64, so 16 with the defaults)",
     )
     mount.add_argument(
         "--read-ahead-kb",
@@ -599,7 +622,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     url = parse_bucket_url(args.url)
     part_size = check_part_size(args.part_size)
     list_ttl = parse_ttl(args.list_ttl)
-    check_range("--max-parallel", args.max_parallel, 1, MAX_PARALLEL)
+    if args.max_parallel is not None:
+        check_range("--max-parallel", args.max_parallel, 1, MAX_PARALLEL)
+    memory = memory_plan(args.memory_limit, part_size, args.max_parallel)
     check_range("--read-ahead-kb", args.read_ahead_kb, 0, MAX_READ_AHEAD_KB)
     cache_size, cache_min_free = cache_limits(args)
     access = access_options(args)
@@ -666,7 +691,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         prefix=prefix,
         part_size=part_size,
         list_ttl=list_ttl,
-        max_parallel=args.max_parallel,
+        max_parallel=memory.max_parallel,
+        max_readahead_parts=memory.max_readahead_parts,
+        max_inflight_bytes=memory.max_inflight_bytes,
         **access,
     )
 
@@ -675,7 +702,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         client = make_client(
             url,
             StoreOptions.from_args(args),
-            pool_size=args.max_parallel + 8,
+            pool_size=memory.max_parallel + 8,
             read_timeout=5.0,
             max_attempts=3,
         )

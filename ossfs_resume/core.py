@@ -57,6 +57,39 @@ class FsError(OSError):
         return cls(exc.errno, str(exc), failure=True)
 
 
+#: Default of --memory-limit: keeps peak RSS streaming any file under 200 MiB.
+DEFAULT_MEMORY_LIMIT = 128 << 20
+#: Parallel fetches derived from the memory limit stay within these bounds.
+MIN_DERIVED_PARALLEL, MAX_DERIVED_PARALLEL = 4, 64
+#: The read-ahead window is at most this many parts, whatever the memory limit.
+MAX_READAHEAD_PARTS = 256
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a memory limit for part data is spent: parts in flight, read-ahead, budget."""
+
+    max_parallel: int
+    max_readahead_parts: int
+    max_inflight_bytes: int
+
+
+def plan_memory(memory_limit: int, part_size: int, max_parallel: int | None = None) -> MemoryPlan:
+    """Spend `memory_limit` bytes of part data (fetched, in flight, kept for readers).
+
+    The read-ahead window is as many parts as fit; unless given, the parallel
+    fetches follow it (4..64): a larger limit buys more GETs at once, which is
+    what a long link needs (each connection is slow, many are not). Raises
+    ValueError when fewer than two parts fit (a reader and its next part).
+    """
+    parts = memory_limit // part_size
+    if parts < 2:
+        raise ValueError("must hold at least 2 parts")
+    if max_parallel is None:
+        max_parallel = max(MIN_DERIVED_PARALLEL, min(MAX_DERIVED_PARALLEL, parts))
+    return MemoryPlan(max_parallel, min(parts, MAX_READAHEAD_PARTS), memory_limit)
+
+
 @dataclass
 class MountOptions:
     prefix: str = ""

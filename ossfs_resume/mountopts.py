@@ -31,6 +31,7 @@ VALUE_OPTIONS: dict[str, str] = {
         "part_size",
         "list_ttl",
         "max_parallel",
+        "memory_limit",
         "read_ahead_kb",
         "cache_size",
         "cache_min_free",

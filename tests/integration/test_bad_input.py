@@ -260,6 +260,8 @@ def test_prefetch_check_of_a_bucket_url_means_the_whole_bucket(store, proxy, tmp
         ("--list-ttl", "1e400", "bad --list-ttl '1e400'"),
         ("--cache-size", "0", "bad --cache-size '0': must be more than 0"),
         ("--part-size", "0", "bad part size '0'"),
+        ("--memory-limit", "8M", "bad --memory-limit 8M: must hold at least 2 parts (16.0 MiB"),
+        ("--memory-limit", "lots", "bad size 'lots'"),
     ],
 )
 def test_mount_option_out_of_range(

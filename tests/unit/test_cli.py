@@ -72,3 +72,17 @@ def test_check_cache_dir(tmp_path: Path) -> None:
 def test_check_cache_dir_not_writable() -> None:
     with pytest.raises(OssfsError, match="not writable"):
         cli.check_cache_dir(Path("/proc/self"))  # refuses new files, even to root
+
+
+def test_memory_limit_buys_parallel_fetches() -> None:
+    mib = 1 << 20
+    default = cli.memory_plan("128M", 8 * mib, None)
+    assert (default.max_parallel, default.max_readahead_parts) == (16, 16)
+    assert default.max_inflight_bytes == 128 * mib
+    big = cli.memory_plan("1G", 8 * mib, None)
+    assert (big.max_parallel, big.max_readahead_parts) == (64, 128)  # parallel capped at 64
+    small = cli.memory_plan("16M", 8 * mib, None)
+    assert (small.max_parallel, small.max_readahead_parts) == (4, 2)  # at least 4 GETs
+    assert cli.memory_plan("1G", 8 * mib, 7).max_parallel == 7  # --max-parallel wins
+    with pytest.raises(UsageError, match=r"^bad --memory-limit 15M: must hold at least 2 parts"):
+        cli.memory_plan("15M", 8 * mib, None)
