@@ -207,7 +207,7 @@ class PartFetcher:
             entry, owner = self._claim(ref, number)
             entry.last_read = next(self._ticks)
             if owner:
-                self._run(ref, number, entry)
+                self._run(ref, number, entry, recheck=False)  # just looked: not there
         data = entry.data.result()
         self.cache.touch(pid, hit=recent is not None)
         chunk = data[offset : offset + len(view)]
@@ -432,7 +432,9 @@ class PartFetcher:
             self._evict_recent()
         return self._inflight_bytes + self._recent_bytes + length <= self.max_inflight_bytes
 
-    def _run(self, ref: ObjectRef, number: int, entry: _Inflight) -> None:
+    def _run(self, ref: ObjectRef, number: int, entry: _Inflight, *, recheck: bool = True) -> None:
+        """Fetch a claimed part into `entry` (with `recheck`, first look in the cache
+        again: a part scheduled a while ago may have been stored since)."""
         pid = ref.part_id(number)
         start, length = part_bounds(ref.meta.size, ref.part_size, number)
         future = entry.data
@@ -441,7 +443,7 @@ class PartFetcher:
             if not future.set_running_or_notify_cancel():
                 return
             # Another thread or process may have stored it since we looked.
-            handle = self.cache.open_verified(pid)
+            handle = self.cache.open_verified(pid) if recheck else None
             if handle is not None:
                 future.set_result(memoryview(handle.pread(0, length)))
                 with self._lock:

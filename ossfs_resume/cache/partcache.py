@@ -172,6 +172,12 @@ class PartCache:
         self._unflushed = {"hits": 0, "misses": 0, "fetched": 0}
         # Object versions seen by opens, written by the next flush (note_version(defer=True)).
         self._pending_versions: dict[str, ObjectRow] = {}
+        # Versions (object id, part sizes) by name id that this process recorded or found
+        # recorded: opening one again needs no index read. Another process recording a
+        # newer version meanwhile changes no byte served (parts are keyed by ETag).
+        self._known_versions: cachetools.LRUCache[str, tuple[str, tuple[int, ...]]] = (
+            cachetools.LRUCache(maxsize=1 << 16)
+        )
         self._open_index(first=True)
         self.limits = self._settle_limits(max_bytes, min_free_bytes)
         self.evictor = Evictor(
@@ -831,34 +837,44 @@ class PartCache:
         """Record the version of `key` in use; drop parts of the version it replaces.
 
         Returns the object id for this version. A version already recorded with
-        this part size costs one indexed read and no write. With `defer` (a
-        mount's open), a new version is recorded by the next ``flush_access``
-        instead of now: parts are keyed by ETag, so a row written a second later
-        changes nothing a read sees, and an open does not queue behind the part
-        writes for the index's write lock.
+        this part size costs one indexed read and no write (none at all once this
+        process has seen it). With `defer` (a mount's open), the version is
+        checked and recorded by the next ``flush_access`` instead of now: parts
+        are keyed by ETag, so a row written a second later changes nothing a read
+        sees, and an open neither reads the index nor queues behind the part
+        writes for its write lock.
         """
         oid = object_id(store_id, bucket, key, etag)
         nid = name_id(store_id, bucket, key)
+        with self._lock:
+            seen = self._known_versions.get(nid)
+        if seen is not None and seen[0] == oid and part_size in seen[1]:
+            return oid
+        version = ObjectRow(nid, oid, bucket, key, etag, size, (part_size,))
+        if defer:
+            with self._lock:
+                self._pending_versions[nid] = version
+            return oid
 
         def known(index: PartIndex) -> ObjectRow | None:
             return index.object_by_name(nid)
 
         row = self._with_index(known, None)
         if row is not None and row.oid == oid and part_size in row.part_sizes:
-            return oid
-        version = (nid, ObjectRow(nid, oid, bucket, key, etag, size, (part_size,)))
-        if defer:
             with self._lock:
-                self._pending_versions[nid] = version[1]
+                self._known_versions[nid] = (oid, row.part_sizes)
             return oid
-        self._record_versions([version[1]])
+        self._record_versions([version])
         return oid
 
     def _record_versions(self, rows: list[ObjectRow]) -> None:
         """Write object versions in one transaction; drop the parts of versions replaced."""
 
+        recorded: dict[str, tuple[str, tuple[int, ...]]] = {}  # committed: remembered
+
         def record(index: PartIndex) -> list[tuple[ObjectRow, ObjectRow]]:
             replaced = []
+            seen: dict[str, tuple[str, tuple[int, ...]]] = {}
             with index.writing() as conn:
                 for row in rows:
                     old = index.object_in(conn, row.name_id)
@@ -866,13 +882,19 @@ class PartCache:
                         sizes = tuple(sorted({*old.part_sizes, *row.part_sizes}))
                         if sizes != old.part_sizes:
                             index.put_object(conn, old._replace(part_sizes=sizes))
+                        seen[row.name_id] = (row.oid, sizes)
                         continue
                     index.put_object(conn, row)
+                    seen[row.name_id] = (row.oid, row.part_sizes)
                     if old is not None:
                         replaced.append((old, row))
+            recorded.update(seen)
             return replaced
 
-        for old, row in self._with_index(record, []):
+        replacements = self._with_index(record, [])
+        with self._lock:
+            self._known_versions.update(recorded)
+        for old, row in replacements:
             log.info(
                 "%s changed (ETag %s -> %s); dropping the old version's cached parts",
                 row.key,
