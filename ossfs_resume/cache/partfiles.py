@@ -92,8 +92,12 @@ class PartFiles:
         final = self.path(pid)
         tmp = final.with_name(f".{final.name}.{writer}.{threading.get_ident()}.tmp")
         try:
-            os.makedirs(final.parent, mode=0o700, exist_ok=True)
-            if not write_all(tmp, memoryview(data), direct=self.direct_io):
+            try:
+                direct = write_all(tmp, memoryview(data), direct=self.direct_io)
+            except FileNotFoundError:  # the object's dir does not exist (yet, or any more)
+                os.makedirs(final.parent, mode=0o700, exist_ok=True)
+                direct = write_all(tmp, memoryview(data), direct=self.direct_io)
+            if not direct:
                 self.direct_io = False
             os.replace(tmp, final)
             fsync_dir(final.parent)
