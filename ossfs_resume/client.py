@@ -364,10 +364,11 @@ class StoreClient:
         query: dict[str, str | None] = {
             "list-type": "2",
             "prefix": prefix,
-            "delimiter": delimiter,
             "max-keys": str(max_keys),
             "encoding-type": "url",
         }
+        if delimiter:  # none: every key under the prefix, however deep
+            query["delimiter"] = delimiter
         if token:
             query["continuation-token"] = token
         self.counters.add("list")

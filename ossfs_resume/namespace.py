@@ -4,6 +4,13 @@ Directories are common prefixes (implicit) and ``dir/`` marker objects; files
 take size, mtime and ETag from the listing, so ``ls -l`` and ``find`` cost one
 LIST per directory page and no HEAD per file. Listings are cached with a TTL.
 
+A directory is first listed without a delimiter, one page deep: every
+subdirectory whose keys all came in that page (keys are sorted, so all but the
+ones holding the page's last key) gets its listing from it, and so does the
+directory itself when the page is its whole subtree. A walk of a tree of
+small directories costs a LIST per thousand keys, not one per directory; a
+directory with more below it costs one LIST more than a plain listing.
+
 When the store cannot be reached, a directory whose TTL has run out is answered
 from its last successful listing (kept in a bounded LRU beyond the TTL), with one
 warning per directory per outage: cached files stay readable offline. A store
@@ -33,6 +40,8 @@ log = logging.getLogger(__name__)
 #: TTL meaning "never expires", for immutable data.
 FOREVER = math.inf
 _MAX_NAME_BYTES = 255
+#: Keys in the one page of a listing without a delimiter (see the module docstring).
+SUBTREE_KEYS = 1000
 
 
 @dataclass(frozen=True)
@@ -69,9 +78,11 @@ class Namespace:
         list_ttl: float = 10.0,
         max_dirs: int = 4096,
         max_stale_dirs: int = 4096,
+        subtree_keys: int = SUBTREE_KEYS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
+        self.subtree_keys = subtree_keys  # 0: plain listings only
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.list_ttl = list_ttl
         self._clock = clock
@@ -102,7 +113,10 @@ class Namespace:
             if cached is not None:
                 return cached
         try:
-            entries = self._list(path)
+            if self.list_ttl > 0 and self.subtree_keys > 0:
+                entries = self._list_subtree(path)
+            else:
+                entries = self._list(path)
         except StoreUnavailableError as exc:
             return self._stale(path, exc)
         with self._lock:
@@ -159,6 +173,54 @@ class Namespace:
                 self._last.pop(path.strip("/"), None)
                 self._offline.pop(path.strip("/"), None)
 
+    def _list_subtree(self, path: str) -> dict[str, Entry]:
+        """`path`'s entries, caching the listings of the subdirectories that came with them."""
+        list_prefix = self.prefix + path + "/" if path else self.prefix
+        page = self.client.list_page(list_prefix, "", None, self.subtree_keys)
+        last = page.objects[-1].key if page.next_token and page.objects else None
+        listings: dict[str, tuple[dict[str, Entry], dict[str, Entry]]] = {}
+        for obj in page.objects:
+            segments = obj.key[len(list_prefix) :].split("/")
+            files, dirs = listings.setdefault(path, ({}, {}))
+            where = path
+            for depth, segment in enumerate(segments[:-1]):
+                common = list_prefix + "/".join(segments[: depth + 1]) + "/"
+                if segment not in dirs:
+                    if not self._usable(common, segment):
+                        break  # nothing below it can be reached through the mount
+                    dirs[segment] = Entry(name=segment, is_dir=True, key=common)
+                where = f"{where}/{segment}" if where else segment
+                files, dirs = listings.setdefault(where, ({}, {}))
+            else:
+                name = segments[-1]
+                if name and self._usable(obj.key, name):  # "": the directory's own marker
+                    files[name] = Entry(
+                        name=name,
+                        is_dir=False,
+                        key=obj.key,
+                        size=obj.size,
+                        mtime=obj.last_modified,
+                        etag=obj.etag,
+                    )
+        complete = {}
+        for where, (files, dirs) in listings.items():
+            where_prefix = self.prefix + where + "/" if where else self.prefix
+            # A truncated page: the directories holding its last key may have more keys.
+            if last is None or not last.startswith(where_prefix):
+                complete[where] = self._merge(files, dirs)
+        if last is None and path not in complete:
+            complete[path] = {}  # nothing under it at all
+        now = self._clock()
+        with self._lock:
+            for where, entries in complete.items():
+                if where != path:  # the caller caches `path`
+                    self._dirs[where] = entries
+                    self._last[where] = (entries, now)
+                    self._offline.pop(where, None)
+        if path in complete:
+            return complete[path]
+        return self._list(path)
+
     def _list(self, path: str) -> dict[str, Entry]:
         list_prefix = self.prefix + path + "/" if path else self.prefix
         dirs: dict[str, Entry] = {}
@@ -181,6 +243,11 @@ class Namespace:
                         mtime=obj.last_modified,
                         etag=obj.etag,
                     )
+        return self._merge(files, dirs)
+
+    def _merge(self, files: dict[str, Entry], dirs: dict[str, Entry]) -> dict[str, Entry]:
+        """One directory's entries; a name that is both a file and a directory is the
+        directory."""
         for name in files.keys() & dirs.keys():
             self._warn_once(
                 files[name].key,

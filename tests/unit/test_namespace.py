@@ -39,6 +39,9 @@ class FakeClock:
 
 
 def _ns(client: Store, prefix: str = "", **kwargs: object) -> Namespace:
+    """A namespace of plain (delimited) listings unless `subtree_keys` is given: most tests
+    here are about what one directory's listing holds and how long it is kept."""
+    kwargs.setdefault("subtree_keys", 0)
     return Namespace(client, prefix, **kwargs)  # type: ignore[arg-type]
 
 
@@ -372,3 +375,67 @@ def test_stale_listings_are_bounded_and_invalidated() -> None:
     with pytest.raises(StoreUnavailableError):
         ns.listdir("d3")
     assert set(ns.listdir("d2")) == {"b"}
+
+
+# -- subtree listings: one page without a delimiter lists the subdirectories it covers ----------
+
+
+def _walk(ns: Namespace, path: str = "") -> dict[str, dict[str, Entry]]:
+    """Every directory's listing, reached from `path` as a walk would."""
+    out = {path: ns.listdir(path)}
+    for name, entry in sorted(out[path].items()):
+        if entry.is_dir:
+            out.update(_walk(ns, f"{path}/{name}" if path else name))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("subtree_keys", [3, 7, 1000])
+def test_subtree_listings_equal_plain_listings(seed: int, subtree_keys: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    segments = ["a", "b", "c", "a.b", "a-b", "é", "", ".", "x y"]
+    keys = set()
+    for _ in range(rng.randrange(1, 40)):
+        depth = rng.randrange(1, 5)
+        key = "/".join(rng.choice(segments) for _ in range(depth))
+        keys.add(key + rng.choice(["", "", "/"]))  # some directory markers
+    keys.discard("")
+    plain_store, subtree_store = _store(sorted(keys), page_size=4), _store(sorted(keys), 4)
+    plain = _walk(_ns(plain_store))
+    subtree = _walk(_ns(subtree_store, subtree_keys=subtree_keys))
+    assert subtree == plain, sorted(keys)
+    # Never more listings than the plain walk, plus one per directory at most.
+    assert len(_listings(subtree_store)) <= 2 * len(_listings(plain_store))
+
+
+def test_a_tree_of_small_directories_is_walked_with_a_few_listings() -> None:
+    keys = [f"t/a{i}/b{j}/f{k}" for i in range(4) for j in range(5) for k in range(10)]  # 200
+    client = _store(keys)
+    tree = _walk(_ns(client, subtree_keys=60), "t")
+    assert len(tree) == 1 + 4 + 20 and all(len(tree[f"t/a{i}"]) == 5 for i in range(4))
+    # t/ (truncated: a0 complete, a1 not), t/ plainly, then a1, a2, a3 one page each.
+    assert _listings(client) == [
+        ("t/", ""),
+        ("t/", "/"),
+        ("t/a1/", ""),
+        ("t/a2/", ""),
+        ("t/a3/", ""),
+    ]
+
+
+def test_subtree_listings_expire_and_serve_offline_like_any_other(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    client = _store(["d/e/f.txt", "d/g.txt"])
+    clock = FakeClock()
+    ns = _ns(client, subtree_keys=1000, list_ttl=10, clock=clock)
+    assert set(ns.listdir("d")) == {"e", "g.txt"}
+    assert set(ns.listdir("d/e")) == {"f.txt"}
+    assert _listings(client) == [("d/", "")]  # d/e came with d
+    clock.now += 11
+    client.fail("list_page", StoreUnavailableError("down"))
+    assert set(ns.listdir("d/e")) == {"f.txt"}  # expired, store down: the last listing
+    assert any("serving the listing of /d/e" in w for w in _warnings(caplog))
