@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from conftest import (
     unmount,
 )
 from local_store import BIG_KEY, TAR_KEY, odd_keys
+from netproxy import NetProxy, ProxyConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.fuse]
 
@@ -232,3 +235,30 @@ def test_the_mount_gets_1_mib_kernel_read_ahead(mounter: Mounter, tmp_path: Path
             break
         time.sleep(0.1)
     assert setting == "1024", (device, setting, mount.log())
+
+
+def test_more_requests_at_once_than_libfuse_s_default_ten(
+    mounter: Mounter, sample_tree: dict[str, Path]
+):
+    """24 readers blocked on a slow store at once each get their own GET: the mount serves
+    more than libfuse's default of 10 requests at a time (counted as connections at the
+    store side: a connection per request in flight)."""
+    mib = 1 << 20
+    source = sample_tree[BIG_KEY].read_bytes()
+    port = int(mounter.store.endpoint.rsplit(":", 1)[1])
+    with NetProxy(ProxyConfig(upstream_port=port, latency_ms=300)) as slow:
+        mount = mounter.mount(endpoint=slow.endpoint, extra=["--part-size", "1M"])
+        path = mount.path / BIG_KEY
+        offsets = [(2 * i + 1) * mib + 123 for i in range(24)]
+        assert offsets[-1] + 4096 <= len(source)
+        start = threading.Barrier(len(offsets))
+
+        def read(offset: int) -> bytes:
+            with open(path, "rb", buffering=0) as f:
+                start.wait(30)
+                return os.pread(f.fileno(), 4096, offset)
+
+        with ThreadPoolExecutor(len(offsets)) as pool:
+            got = list(pool.map(read, offsets))
+        assert got == [source[o : o + 4096] for o in offsets]
+        assert slow.connections() >= 16, mount.log()
