@@ -55,6 +55,7 @@ import random
 import re
 import resource
 import select
+import shlex
 import shutil
 import signal
 import statistics
@@ -427,7 +428,8 @@ def mount_command(b: Bench, system: str, mnt: Path, cache: Path, log_path: Path)
     if system == OSSFS:
         exe = REPO / ".venv" / "bin" / "ossfs-resume"
         cmd = [str(exe) if exe.exists() else "ossfs-resume", "mount", f"s3://{b.bucket}"]
-        return [*cmd, str(mnt), "--endpoint", b.endpoint, "--cache-dir", str(cache)]
+        extra = shlex.split(b.args.ossfs_resume_options or "")
+        return [*cmd, str(mnt), "--endpoint", b.endpoint, "--cache-dir", str(cache), *extra]
     if system == S3FS:
         opts = [
             f"url={b.endpoint}",
@@ -1198,6 +1200,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-workdir", action="store_true", help="do not remove a temp workdir")
     p.add_argument("--out", default="bench-results/mount.md", help="Markdown output file")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma-separated subset")
+    p.add_argument(
+        "--ossfs-resume-options",
+        metavar="OPTIONS",
+        help='more options for the ossfs-resume mount, e.g. "--memory-limit 512M"',
+    )
     p.add_argument(
         "--metrics",
         default=",".join(METRICS),
