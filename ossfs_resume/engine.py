@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import cachetools
 
 from .cache import PartId, PartStore
-from .durable import aligned_buffer
+from .durable import BufferPool
 from .errors import PreconditionFailedError, StoreUnavailableError
 from .objectstore import ObjectMeta, ObjectStore
 from .parts import part_bounds, part_count
@@ -156,6 +156,9 @@ class PartFetcher:
         self.copied_from_cache = 0  # parts a fetch found in the part cache after all
         # Random reads per part not yet cached: a part touched twice is fetched whole.
         self._random_touches: cachetools.LRUCache[PartId, int] = cachetools.LRUCache(4096)
+        # Part buffers, reused: as many as the byte budget holds, and a quarter more for
+        # readers' own fetches (which go ahead of the budget).
+        self._buffers = BufferPool(max_inflight_bytes + max_inflight_bytes // 4)
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="fetch")
         self._writer = ThreadPoolExecutor(
             max_workers=max(2, max_parallel // 2), thread_name_prefix="store"
@@ -176,6 +179,7 @@ class PartFetcher:
             self._inflight.clear()
             self._inflight_bytes = 0
             self._recent.clear()
+            self._buffers.clear()
             self._recent_bytes = 0
         for entry in stranded:
             if not entry.data.done():
@@ -449,7 +453,7 @@ class PartFetcher:
                 with self._lock:
                     self.copied_from_cache += 1
                 return
-            buf = aligned_buffer(length)  # O_DIRECT-ready: see the class docstring
+            buf = self._buffers.take(length)  # O_DIRECT-ready: see the class docstring
             shared, ident = self.shared, self._identity(ref, number)
             # Read order: memory, local disk (both above), the shared tier, the origin.
             if shared is None or ident is None or not shared.get_into(ident, memoryview(buf)):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ossfs_resume import durable
-from ossfs_resume.durable import DIRECT_ALIGN, aligned_buffer, write_all
+from ossfs_resume.durable import DIRECT_ALIGN, BufferPool, aligned_buffer, write_all
 
 
 def _filled(length: int) -> memoryview:
@@ -97,3 +97,32 @@ def test_other_write_errors_propagate(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(OSError) as info:
         write_all(tmp_path / "part", _filled(DIRECT_ALIGN), direct=True)
     assert info.value.errno == errno.ENOSPC
+
+
+def test_a_pooled_buffer_is_reused_only_when_nothing_refers_to_it() -> None:
+    pool = BufferPool(3 * 4096)
+    first = pool.take(4096)
+    first[:5] = b"first"
+    view = memoryview(first)[100:200]  # a reader's slice: keeps the buffer busy
+    del first
+    second = pool.take(4096)
+    assert second[:5] != b"first"  # not the busy one
+    del view
+    third = pool.take(4096)
+    assert third[:5] == b"first"  # free again: reused, not zeroed
+    held_by_tier = third  # any plain reference (a shared-tier put) keeps it busy too
+    del third
+    assert pool.take(4096)[:5] != b"first"
+    del held_by_tier
+
+
+def test_the_pool_keeps_at_most_its_capacity() -> None:
+    pool = BufferPool(2 * 4096)
+    held = [pool.take(4096) for _ in range(5)]  # 2 pooled, 3 fresh
+    assert len(pool._buffers) == 2
+    del held
+    assert len({id(pool.take(4096)) for _ in range(3)}) == 1  # one free buffer, again and again
+    big = pool.take(8192)  # another size: the free 4 KiB buffers make room for it
+    assert len(big) == 8192 and [len(b) for b in pool._buffers] == [8192]
+    del big
+    assert [len(b) for b in pool._buffers] == [8192]
