@@ -179,6 +179,9 @@ class Namespace:
         page = self.client.list_page(list_prefix, "", None, self.subtree_keys)
         last = page.objects[-1].key if page.next_token and page.objects else None
         listings: dict[str, tuple[dict[str, Entry], dict[str, Entry]]] = {}
+        # Subdirectories holding names to warn about: not cached from here, so the
+        # warning comes when someone lists them (a plain listing), not before.
+        noisy: set[str] = set()
         for obj in page.objects:
             segments = obj.key[len(list_prefix) :].split("/")
             files, dirs = listings.setdefault(path, ({}, {}))
@@ -186,14 +189,17 @@ class Namespace:
             for depth, segment in enumerate(segments[:-1]):
                 common = list_prefix + "/".join(segments[: depth + 1]) + "/"
                 if segment not in dirs:
-                    if not self._usable(common, segment):
+                    if not self._usable_in(where == path, common, segment):
+                        noisy.add(where)
                         break  # nothing below it can be reached through the mount
                     dirs[segment] = Entry(name=segment, is_dir=True, key=common)
                 where = f"{where}/{segment}" if where else segment
                 files, dirs = listings.setdefault(where, ({}, {}))
             else:
                 name = segments[-1]
-                if name and self._usable(obj.key, name):  # "": the directory's own marker
+                if name and not self._usable_in(where == path, obj.key, name):
+                    noisy.add(where)
+                elif name:  # "": the directory's own marker
                     files[name] = Entry(
                         name=name,
                         is_dir=False,
@@ -206,8 +212,11 @@ class Namespace:
         for where, (files, dirs) in listings.items():
             where_prefix = self.prefix + where + "/" if where else self.prefix
             # A truncated page: the directories holding its last key may have more keys.
-            if last is None or not last.startswith(where_prefix):
-                complete[where] = self._merge(files, dirs)
+            if last is not None and last.startswith(where_prefix):
+                continue
+            if where != path and (where in noisy or files.keys() & dirs.keys()):
+                continue
+            complete[where] = self._merge(files, dirs)
         if last is None and path not in complete:
             complete[path] = {}  # nothing under it at all
         now = self._clock()
@@ -255,6 +264,11 @@ class Namespace:
             )
             del files[name]
         return {**files, **dirs}
+
+    def _usable_in(self, listed: bool, key: str, name: str) -> bool:
+        """`_usable`, warning only for a directory being `listed` (not a subdirectory
+        that came with it)."""
+        return self._usable(key, name) if listed else bad_name_reason(name) is None
 
     def _usable(self, key: str, name: str) -> bool:
         reason = bad_name_reason(name)

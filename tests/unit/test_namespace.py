@@ -439,3 +439,20 @@ def test_subtree_listings_expire_and_serve_offline_like_any_other(
     client.fail("list_page", StoreUnavailableError("down"))
     assert set(ns.listdir("d/e")) == {"f.txt"}  # expired, store down: the last listing
     assert any("serving the listing of /d/e" in w for w in _warnings(caplog))
+
+
+def test_a_subtree_listing_warns_only_about_the_directory_listed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    client = _store(["top.txt", "odd/clash", "odd/clash/x", "odd/a//b", "fine/f.txt"])
+    ns = _ns(client, subtree_keys=1000)
+    assert set(ns.listdir("")) == {"top.txt", "odd", "fine"}
+    assert _warnings(caplog) == []  # odd/ was not listed: nothing said about it yet
+    assert set(ns.listdir("fine")) == {"f.txt"}  # came with the root's page
+    assert set(ns.listdir("odd")) == {"clash", "a"}  # listed now, and warned about
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "'odd/clash' is both an object and a prefix" in warnings[0]
+    assert ns.listdir("odd/a") == {}
+    assert "skipping key 'odd/a//'" in _warnings(caplog)[-1]
+    assert _listings(client) == [("", ""), ("odd/", ""), ("odd/a/", "")]
