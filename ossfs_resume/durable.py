@@ -39,11 +39,14 @@ class BufferPool:
     pool holds it: no memoryview of it (a reader's, a sink's), no shared-tier
     put, no fetch. The pool holds at most `capacity` bytes of buffers; past
     that, buffers are fresh and freed as before, so memory stays what the
-    engine's byte budget makes it.
+    engine's byte budget makes it. Buffers under `min_size` (small objects'
+    parts, of every size) are not pooled: a pool of them would be a long list
+    to search on every fetch, for little zeroing saved.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, min_size: int = 1 << 20) -> None:
         self.capacity = capacity
+        self.min_size = min_size
         self._free_refs = _free_refs()
         self._buffers: list[mmap.mmap] = []
         self._bytes = 0
@@ -51,6 +54,8 @@ class BufferPool:
 
     def take(self, length: int) -> mmap.mmap:
         """A page-aligned buffer of exactly `length` bytes (contents undefined)."""
+        if length < self.min_size:
+            return aligned_buffer(length)
         with self._lock:
             for buf in self._buffers:
                 if len(buf) == length and _refs(buf) == self._free_refs:

@@ -100,7 +100,7 @@ def test_other_write_errors_propagate(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_a_pooled_buffer_is_reused_only_when_nothing_refers_to_it() -> None:
-    pool = BufferPool(3 * 4096)
+    pool = BufferPool(3 * 4096, min_size=4096)
     first = pool.take(4096)
     first[:5] = b"first"
     view = memoryview(first)[100:200]  # a reader's slice: keeps the buffer busy
@@ -117,7 +117,7 @@ def test_a_pooled_buffer_is_reused_only_when_nothing_refers_to_it() -> None:
 
 
 def test_the_pool_keeps_at_most_its_capacity() -> None:
-    pool = BufferPool(2 * 4096)
+    pool = BufferPool(2 * 4096, min_size=4096)
     held = [pool.take(4096) for _ in range(5)]  # 2 pooled, 3 fresh
     assert len(pool._buffers) == 2
     del held
@@ -126,3 +126,9 @@ def test_the_pool_keeps_at_most_its_capacity() -> None:
     assert len(big) == 8192 and [len(b) for b in pool._buffers] == [8192]
     del big
     assert [len(b) for b in pool._buffers] == [8192]
+
+
+def test_small_buffers_are_not_pooled() -> None:
+    pool = BufferPool(1 << 30)
+    assert len(pool.take(5000)) == 5000 and len(pool.take(1 << 20)) == 1 << 20
+    assert [len(b) for b in pool._buffers] == [1 << 20]
