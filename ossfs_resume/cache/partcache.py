@@ -172,6 +172,10 @@ class PartCache:
         self._unflushed = {"hits": 0, "misses": 0, "fetched": 0}
         # Object versions seen by opens, written by the next flush (note_version(defer=True)).
         self._pending_versions: dict[str, ObjectRow] = {}
+        # A descriptor of the index file for the header check, kept open: closing any
+        # descriptor of a file drops every POSIX lock this process holds on it, SQLite's
+        # included, and another process would then delete the WAL under our connections.
+        self._header_fd: tuple[int, int] | None = None  # (fd, inode)
         # Versions (object id, part sizes) by name id that this process recorded or found
         # recorded: opening one again needs no index read. Another process recording a
         # newer version meanwhile changes no byte served (parts are keyed by ETag).
@@ -368,10 +372,20 @@ class PartCache:
 
     def _header_intact(self) -> bool:
         """False if the index file no longer starts with SQLite's header (overwritten or
-        truncated under us); True if it does, or cannot be read right now."""
+        truncated under us); True if it does, or cannot be read right now.
+
+        Read through a descriptor opened once per index file and closed only with the
+        cache (see ``_header_fd``): never an open and close per check."""
         try:
-            with open(self.index_path, "rb") as f:
-                return f.read(len(_SQLITE_HEADER)) == _SQLITE_HEADER
+            inode = os.stat(self.index_path).st_ino
+            held = self._header_fd
+            if held is None or held[1] != inode:
+                fd = os.open(self.index_path, os.O_RDONLY | os.O_CLOEXEC)
+                self._header_fd = (fd, inode)
+                if held is not None:
+                    os.close(held[0])  # a replaced file: our connections to it are gone
+                held = self._header_fd
+            return os.pread(held[0], len(_SQLITE_HEADER), 0) == _SQLITE_HEADER
         except OSError:
             return True  # a disk fault: the index reports it when it is used
 
@@ -419,6 +433,10 @@ class PartCache:
         index = self._index
         if index is not None:
             index.close()
+        held, self._header_fd = self._header_fd, None
+        if held is not None:
+            with contextlib.suppress(OSError):
+                os.close(held[0])  # after the index's connections: no lock left to drop
 
     # -- paths ------------------------------------------------------------
 

@@ -578,3 +578,29 @@ def test_writes_that_fail_and_succeed_in_turn_are_one_outage(
     assert cache.store(_pid(9), _data())
     assert cache.writes_refused() is None
     assert any("accepts writes again" in w for w in _warnings(caplog))
+
+
+def test_the_health_check_keeps_sqlite_s_locks_for_other_processes(tmp_path: Path) -> None:
+    """POSIX locks belong to a process and file: closing any descriptor of the index in
+    this process drops SQLite's locks on it. Then another process closing its last
+    connection thinks itself the last user and removes the WAL under us (the mount's
+    reads failed with 'disk I/O error' right after a prefetch process exited)."""
+    cache = PartCache(tmp_path)
+    try:
+        assert cache.store(_pid(0), _data())
+        for _ in range(3):
+            cache.check_health()  # reads the index file's header
+        other = (
+            "import sys; from ossfs_resume.cache import PartCache, PartId\n"
+            "c = PartCache(sys.argv[1]); c.store(PartId('o' * 40, 1000, 1), b'x' * 1000)\n"
+            "c.close()\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", other, str(tmp_path)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "index.db-wal").exists()  # we still use it: not removed
+        assert cache.has(PartId("o" * 40, 1000, 1)) and cache.has(_pid(0))
+        assert cache.index_problem() is None
+    finally:
+        cache.close()
