@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import cachetools
 
 from .errors import StoreUnavailableError
-from .objectstore import ObjectStore
+from .objectstore import ObjectMeta, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,17 @@ class Entry:
     size: int = 0
     mtime: float = 0.0
     etag: str = ""
+
+
+def _file_entry(name: str, obj: ObjectMeta) -> Entry:
+    return Entry(
+        name=name,
+        is_dir=False,
+        key=obj.key,
+        size=obj.size,
+        mtime=obj.last_modified,
+        etag=obj.etag,
+    )
 
 
 def bad_name_reason(name: str) -> str | None:
@@ -200,14 +211,7 @@ class Namespace:
                 if name and not self._usable_in(where == path, obj.key, name):
                     noisy.add(where)
                 elif name:  # "": the directory's own marker
-                    files[name] = Entry(
-                        name=name,
-                        is_dir=False,
-                        key=obj.key,
-                        size=obj.size,
-                        mtime=obj.last_modified,
-                        etag=obj.etag,
-                    )
+                    files[name] = _file_entry(name, obj)
         complete = {}
         for where, (files, dirs) in listings.items():
             where_prefix = self.prefix + where + "/" if where else self.prefix
@@ -244,14 +248,7 @@ class Namespace:
                 if name == "":
                     continue  # this directory's own marker object
                 if self._usable(obj.key, name):
-                    files[name] = Entry(
-                        name=name,
-                        is_dir=False,
-                        key=obj.key,
-                        size=obj.size,
-                        mtime=obj.last_modified,
-                        etag=obj.etag,
-                    )
+                    files[name] = _file_entry(name, obj)
         return self._merge(files, dirs)
 
     def _merge(self, files: dict[str, Entry], dirs: dict[str, Entry]) -> dict[str, Entry]:

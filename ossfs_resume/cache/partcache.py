@@ -72,6 +72,8 @@ RETRY_SECONDS = 5.0
 #: each turn would otherwise log "cannot write" and "accepts writes again" anew.
 WRITE_RECOVERY_SECONDS = 5.0
 INDEX_NAME = "index.db"
+#: A version this process knows is recorded: (object id, part sizes).
+KnownVersion = tuple[str, tuple[int, ...]]
 #: Every SQLite database file starts with these bytes (written when WAL mode is set).
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -179,8 +181,8 @@ class PartCache:
         # Versions (object id, part sizes) by name id that this process recorded or found
         # recorded: opening one again needs no index read. Another process recording a
         # newer version meanwhile changes no byte served (parts are keyed by ETag).
-        self._known_versions: cachetools.LRUCache[str, tuple[str, tuple[int, ...]]] = (
-            cachetools.LRUCache(maxsize=1 << 16)
+        self._known_versions: cachetools.LRUCache[str, KnownVersion] = cachetools.LRUCache(
+            maxsize=1 << 16
         )
         self._open_index(first=True)
         self.limits = self._settle_limits(max_bytes, min_free_bytes)
@@ -888,11 +890,11 @@ class PartCache:
     def _record_versions(self, rows: list[ObjectRow]) -> None:
         """Write object versions in one transaction; drop the parts of versions replaced."""
 
-        recorded: dict[str, tuple[str, tuple[int, ...]]] = {}  # committed: remembered
-
-        def record(index: PartIndex) -> list[tuple[ObjectRow, ObjectRow]]:
+        def record(
+            index: PartIndex,
+        ) -> tuple[list[tuple[ObjectRow, ObjectRow]], dict[str, KnownVersion]]:
             replaced = []
-            seen: dict[str, tuple[str, tuple[int, ...]]] = {}
+            recorded: dict[str, KnownVersion] = {}  # remembered once committed
             with index.writing() as conn:
                 for row in rows:
                     old = index.object_in(conn, row.name_id)
@@ -900,16 +902,15 @@ class PartCache:
                         sizes = tuple(sorted({*old.part_sizes, *row.part_sizes}))
                         if sizes != old.part_sizes:
                             index.put_object(conn, old._replace(part_sizes=sizes))
-                        seen[row.name_id] = (row.oid, sizes)
+                        recorded[row.name_id] = (row.oid, sizes)
                         continue
                     index.put_object(conn, row)
-                    seen[row.name_id] = (row.oid, row.part_sizes)
+                    recorded[row.name_id] = (row.oid, row.part_sizes)
                     if old is not None:
                         replaced.append((old, row))
-            recorded.update(seen)
-            return replaced
+            return replaced, recorded
 
-        replacements = self._with_index(record, [])
+        replacements, recorded = self._with_index(record, ([], {}))
         with self._lock:
             self._known_versions.update(recorded)
         for old, row in replacements:
